@@ -1,0 +1,318 @@
+"""``StreamingMel``: a streaming mel power spectrogram in numba, equal to librosa's batch one.
+
+Each hop of new samples yields one frame: periodic Hann window → real FFT (an in-kernel
+radix-2 FFT of half size plus the real-split step) → |X|² → a sparse mel filter bank (only the
+non-zero run of each triangle is stored). All buffers are allocated in the constructor; the
+kernels are ``@njit(cache=True, nogil=True)`` and release the GIL while they run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from models.errors import ParameterError, check_range
+
+__all__ = ["StreamingMel", "mel_filter_runs", "MAX_BLOCK_SAMPLES"]
+
+MAX_BLOCK_SAMPLES = 8192
+SR = 22050
+N_FFT = 2048
+HOP_LENGTH = 512
+N_MELS = 128
+
+
+# ---- kernels ---------------------------------------------------------------------------------
+@njit(cache=True, nogil=True)
+def _fft_inplace(re, im, bitrev, cos_t, sin_t):
+    """Iterative radix-2 complex FFT (forward, unnormalised) of ``re + i im``, in place."""
+    n = re.shape[0]
+    for i in range(n):
+        j = bitrev[i]
+        if j > i:
+            t = re[i]
+            re[i] = re[j]
+            re[j] = t
+            t = im[i]
+            im[i] = im[j]
+            im[j] = t
+    size = 2
+    while size <= n:
+        half = size >> 1
+        step = n // size
+        for start in range(0, n, size):
+            k = 0
+            for j in range(start, start + half):
+                wr = cos_t[k]
+                wi = -sin_t[k]
+                l = j + half
+                tr = wr * re[l] - wi * im[l]
+                ti = wr * im[l] + wi * re[l]
+                re[l] = re[j] - tr
+                im[l] = im[j] - ti
+                re[j] += tr
+                im[j] += ti
+                k += step
+        size <<= 1
+
+
+@njit(cache=True, nogil=True)
+def _frame_power(ring, pos, window, re, im, bitrev, cos_t, sin_t, post_cos, post_sin, power):
+    """|rfft(window * frame)|² of the ``n_fft`` samples in ``ring`` starting (oldest) at ``pos``."""
+    n_fft = ring.shape[0]
+    m = n_fft >> 1
+    p = pos
+    for k in range(m):
+        a = ring[p] * window[2 * k]
+        p += 1
+        if p == n_fft:
+            p = 0
+        b = ring[p] * window[2 * k + 1]
+        p += 1
+        if p == n_fft:
+            p = 0
+        re[k] = a
+        im[k] = b
+    _fft_inplace(re, im, bitrev, cos_t, sin_t)
+    for k in range(m + 1):
+        k1 = k if k < m else 0
+        k2 = (m - k) if k > 0 else 0
+        zr, zi = re[k1], im[k1]
+        cr, ci = re[k2], -im[k2]  # conj(Z[m-k])
+        er = 0.5 * (zr + cr)
+        ei = 0.5 * (zi + ci)
+        # (Z - conj) / (2i)
+        orr = 0.5 * (zi - ci)
+        oi = -0.5 * (zr - cr)
+        wr = post_cos[k]
+        wi = -post_sin[k]
+        xr = er + wr * orr - wi * oi
+        xi = ei + wr * oi + wi * orr
+        power[k] = xr * xr + xi * xi
+
+
+@njit(cache=True, nogil=True)
+def _mel_frame(power, lo, hi, off, w, out, col):
+    for b in range(lo.shape[0]):
+        s = 0.0
+        o = off[b] - lo[b]
+        for j in range(lo[b], hi[b]):
+            s += w[o + j] * power[j]
+        out[b, col] = s
+
+
+@njit(cache=True, nogil=True)
+def _mel_stream(x, ring, state, window, re, im, bitrev, cos_t, sin_t, post_cos, post_sin,
+                power, lo, hi, off, w, out):
+    """Push samples ``x``; write each completed frame into ``out[:, k]``; return k.
+
+    state[0] ring write position, state[1] samples until the next frame, state[2] hop length.
+    Stops early (returning the frames made, with state consistent) if ``out`` is full.
+    """
+    n_fft = ring.shape[0]
+    pos = state[0]
+    nxt = state[1]
+    hop = state[2]
+    k = 0
+    cap = out.shape[1]
+    i = 0
+    n = x.shape[0]
+    while i < n:
+        ring[pos] = x[i]
+        pos += 1
+        if pos == n_fft:
+            pos = 0
+        nxt -= 1
+        i += 1
+        if nxt == 0:
+            _frame_power(ring, pos, window, re, im, bitrev, cos_t, sin_t, post_cos, post_sin, power)
+            _mel_frame(power, lo, hi, off, w, out, k)
+            k += 1
+            nxt = hop
+            if k == cap:
+                break
+    state[0] = pos
+    state[1] = nxt
+    state[3] = i  # samples consumed
+    return k
+
+
+# ---- filter bank -----------------------------------------------------------------------------
+def mel_filter_runs(sr, n_fft, n_mels, fmin, fmax):
+    """librosa's mel filter bank (Slaney, float32 values) as runs of non-zero weights.
+
+    Returns
+    -------
+    lo, hi : np.ndarray [shape=(n_mels,)], int64
+        First and one-past-last FFT bin of each band.
+    off : np.ndarray [shape=(n_mels,)], int64
+        Offset of each band's weights in ``w``.
+    w : np.ndarray, float64
+        Concatenated weights.
+    """
+    import librosa
+
+    basis = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax).astype(np.float64)
+    lo = np.zeros(n_mels, np.int64)
+    hi = np.zeros(n_mels, np.int64)
+    off = np.zeros(n_mels, np.int64)
+    ws = []
+    o = 0
+    for b in range(n_mels):
+        nz = np.flatnonzero(basis[b])
+        if nz.size:
+            lo[b], hi[b] = nz[0], nz[-1] + 1
+        ws.append(basis[b, lo[b]:hi[b]])
+        off[b] = o
+        o += hi[b] - lo[b]
+    return lo, hi, off, np.concatenate(ws) if ws else np.zeros(0)
+
+
+# ---- public class ----------------------------------------------------------------------------
+class StreamingMel:
+    """Mel power spectrogram of a stream, frame for frame equal to librosa's ``center=False`` one.
+
+    Parameters
+    ----------
+    sr : number > 0
+        Sample rate [Hz].
+    n_fft : int, power of two in [64, 16384]
+        FFT size = window length [samples].
+    hop_length : int in [1, n_fft]
+        Samples between frames.
+    n_mels : int > 0
+        Mel bands.
+    fmin : float >= 0
+        Lowest band edge [Hz].
+    fmax : float or None
+        Highest band edge [Hz]; None means ``sr / 2``.
+
+    Notes
+    -----
+    ``process`` is real-time safe for blocks up to 8192 samples: it runs numba kernels on
+    preallocated buffers and returns a view of an internal buffer (copy it, or pass ``out``).
+    The first frame completes after ``n_fft`` samples, then one per ``hop_length`` samples, so
+    frame ``t`` covers samples ``[t * hop_length, t * hop_length + n_fft)`` of the stream.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> sm = StreamingMel(sr=22050, n_fft=2048, hop_length=512, n_mels=128)
+    >>> y = np.sin(2 * np.pi * 440 * np.arange(22050) / 22050).astype(np.float32)
+    >>> frames = [sm.process(y[i:i + 1000]).copy() for i in range(0, y.size, 1000)]
+    >>> S = np.concatenate(frames, axis=1)
+    >>> S.shape  # 1 + (22050 - 2048) // 512 frames
+    (128, 40)
+    >>> import librosa
+    >>> ref = librosa.feature.melspectrogram(y=y.astype(np.float64), sr=22050, center=False)
+    >>> bool(np.allclose(S, ref, rtol=1e-4, atol=1e-6))
+    True
+    """
+
+    def __init__(self, sr: float = SR, n_fft: int = N_FFT, hop_length: int = HOP_LENGTH,
+                 n_mels: int = N_MELS, fmin: float = 0.0, fmax: float | None = None):
+        self.sr = check_range("sr", sr, 1, None, kind=int)
+        self.n_fft = check_range("n_fft", n_fft, 64, 16384, kind=int)
+        if self.n_fft & (self.n_fft - 1):
+            raise ParameterError(f"n_fft: {n_fft} is not a power of two")
+        self.hop_length = check_range("hop_length", hop_length, 1, self.n_fft, kind=int)
+        self.n_mels = check_range("n_mels", n_mels, 1, 512, kind=int)
+        self.fmin = check_range("fmin", fmin, 0.0, self.sr / 2)
+        self.fmax = None if fmax is None else check_range("fmax", fmax, self.fmin, self.sr / 2)
+        import scipy.signal
+
+        self._window = scipy.signal.get_window("hann", self.n_fft, fftbins=True).astype(np.float64)
+        m = self.n_fft // 2
+        bits = m.bit_length() - 1
+        self._bitrev = np.array([int(format(i, f"0{bits}b")[::-1], 2) if bits else 0 for i in range(m)], np.int64)
+        self._cos = np.cos(2 * np.pi * np.arange(m // 2 + 1) / m)
+        self._sin = np.sin(2 * np.pi * np.arange(m // 2 + 1) / m)
+        self._post_cos = np.cos(2 * np.pi * np.arange(m + 1) / self.n_fft)
+        self._post_sin = np.sin(2 * np.pi * np.arange(m + 1) / self.n_fft)
+        self._lo, self._hi, self._off, self._w = mel_filter_runs(self.sr, self.n_fft, self.n_mels, self.fmin, self.fmax)
+        self._ring = np.zeros(self.n_fft, np.float64)
+        self._re = np.zeros(m, np.float64)
+        self._im = np.zeros(m, np.float64)
+        self._power = np.zeros(m + 1, np.float64)
+        self.max_frames = MAX_BLOCK_SAMPLES // self.hop_length + 1
+        self._out = np.zeros((self.n_mels, self.max_frames), np.float32)
+        self._state = np.zeros(4, np.int64)
+        self.reset()
+        self.process(np.zeros(1, np.float32))  # compile (or load cached) kernels now
+        self.reset()
+
+    @property
+    def latency_samples(self) -> int:
+        """Window length [samples]: a frame completes ``n_fft`` samples after its first sample."""
+        return self.n_fft
+
+    @property
+    def config(self) -> dict:
+        """The mel parameters in librosa names (for bundle cards)."""
+        return {"sr": self.sr, "n_fft": self.n_fft, "hop_length": self.hop_length, "n_mels": self.n_mels,
+                "fmin": self.fmin, "fmax": self.fmax}
+
+    def reset(self) -> None:
+        """Start a new stream: the next frame completes after ``n_fft`` new samples."""
+        self._ring[:] = 0.0
+        self._state[0] = 0
+        self._state[1] = self.n_fft
+        self._state[2] = self.hop_length
+        self.frames_out = 0
+
+    def process(self, block: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Push a block of samples; return the frames it completed.
+
+        Parameters
+        ----------
+        block : np.ndarray [shape=(n,)], float32
+            Mono samples, any length (up to 8192 without allocation).
+        out : np.ndarray [shape=(n_mels, >= k)], float32, optional
+            Where to write the frames.
+
+        Returns
+        -------
+        S : np.ndarray [shape=(n_mels, k)], float32
+            Mel power frames completed by this block (k >= 0). Without ``out`` this is a view of
+            an internal buffer, overwritten by the next call.
+        """
+        dst = self._out if out is None else out
+        k = _mel_stream(block, self._ring, self._state, self._window, self._re, self._im, self._bitrev,
+                        self._cos, self._sin, self._post_cos, self._post_sin, self._power,
+                        self._lo, self._hi, self._off, self._w, dst)
+        consumed = int(self._state[3])
+        if consumed < block.shape[0]:  # a block longer than `out` holds: grow (offline use only)
+            rest = self.process(block[consumed:])
+            res = np.concatenate([dst[:, :k], rest], axis=1)
+            self.frames_out += k
+            return res
+        self.frames_out += k
+        return dst[:, :k]
+
+    __call__ = process
+
+    def n_frames(self, n_samples: int) -> int:
+        """Frames a fresh stream of ``n_samples`` samples yields (librosa ``center=False``)."""
+        return 0 if n_samples < self.n_fft else 1 + (n_samples - self.n_fft) // self.hop_length
+
+    def transform(self, y: np.ndarray) -> np.ndarray:
+        """Mel power spectrogram of a whole signal, through the streaming path (resets first).
+
+        Parameters
+        ----------
+        y : np.ndarray [shape=(n,)]
+
+        Returns
+        -------
+        S : np.ndarray [shape=(n_mels, t)], float32, ``t = n_frames(n)``.
+        """
+        self.reset()
+        y = np.ascontiguousarray(y, np.float32)
+        S = np.zeros((self.n_mels, self.n_frames(y.size)), np.float32)
+        t = 0
+        for i in range(0, y.size, MAX_BLOCK_SAMPLES):
+            k = self.process(y[i:i + MAX_BLOCK_SAMPLES], out=self._out).shape[1]
+            S[:, t:t + k] = self._out[:, :k]
+            t += k
+        self.reset()
+        return S

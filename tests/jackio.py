@@ -1,0 +1,106 @@
+"""Test helpers that talk to a JACK server with JACK-Client: inject audio, capture audio, send MIDI."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+
+class JackProbe:
+    """One JACK client with an audio output (injection) and an audio input (capture).
+
+    In its process callback it writes ``signal`` to its output port, block by block, and
+    records its input port into a preallocated buffer, starting in the same JACK cycle, so the
+    offset between the two is the round-trip latency of whatever sits between them.
+    """
+
+    def __init__(self, name: str = "tarab-probe"):
+        import jack
+
+        self.jack = jack
+        self.client = jack.Client(name, no_start_server=True)
+        self.out = self.client.outports.register("inject")
+        self.inp = self.client.inports.register("capture")
+        self.sr = self.client.samplerate
+        self.blocksize = self.client.blocksize
+        self._sig = np.zeros(0, np.float32)
+        self._cap = np.zeros(0, np.float32)
+        self._pos = 0
+        self._armed = False
+        self.done = threading.Event()
+        self.xruns = 0
+        self.client.set_process_callback(self._process)
+        self.client.set_xrun_callback(self._xrun)
+        self.client.activate()
+
+    def _xrun(self, delay):
+        # JACK reports server-wide xruns; count those that happen while we inject/record
+        if self._armed:
+            self.xruns += 1
+
+    def _process(self, frames):
+        out = self.out.get_array()
+        if not self._armed:
+            out.fill(0.0)
+            return
+        p = self._pos
+        n = max(0, min(frames, self._sig.size - p))
+        out[:n] = self._sig[p:p + n]
+        out[n:] = 0.0
+        m = max(0, min(frames, self._cap.size - p))
+        self._cap[p:p + m] = self.inp.get_array()[:m]
+        self._pos = p + frames
+        if self._pos >= self._cap.size:
+            self._armed = False
+            self.done.set()
+
+    def find_ports(self, client_prefix: str = "PortAudio"):
+        """The (input, output) audio ports of the newest client whose name starts with the prefix."""
+        ins = self.client.get_ports(client_prefix + ".*", is_audio=True, is_input=True)
+        outs = self.client.get_ports(client_prefix + ".*", is_audio=True, is_output=True)
+        if not ins or not outs:
+            raise RuntimeError(f"no JACK audio ports of a client named {client_prefix}*")
+        return ins[-1], outs[-1]
+
+    def connect_through(self, client_prefix: str = "PortAudio") -> None:
+        """Wire probe → client input and client output → probe."""
+        pin, pout = self.find_ports(client_prefix)
+        self.client.connect(self.out, pin)
+        self.client.connect(pout, self.inp)
+
+    def play_and_record(self, signal: np.ndarray, record_samples: int, timeout: float = 60.0) -> np.ndarray:
+        """Inject ``signal`` and record ``record_samples`` from the same cycle on; returns the capture."""
+        self._sig = np.ascontiguousarray(signal, np.float32)
+        self._cap = np.zeros(record_samples, np.float32)
+        self._pos = 0
+        self.xruns = 0
+        self.done.clear()
+        time.sleep(0.1)  # let the graph settle after (re)connections
+        self._armed = True
+        if not self.done.wait(timeout):
+            self._armed = False
+            raise TimeoutError("JACK probe did not finish recording")
+        return self._cap.copy()
+
+    def close(self):
+        self.client.deactivate()
+        self.client.close()
+
+
+def measure_delay(reference: np.ndarray, captured: np.ndarray) -> int:
+    """Offset [samples] at which ``reference`` best matches inside ``captured`` (FFT xcorr)."""
+    n = captured.size + reference.size
+    nfft = 1 << int(np.ceil(np.log2(n)))
+    xc = np.fft.irfft(np.fft.rfft(captured, nfft) * np.conj(np.fft.rfft(reference, nfft)), nfft)
+    return int(np.argmax(xc[: captured.size]))
+
+
+def wait_for(pred, timeout=10.0, interval=0.01):
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        if pred():
+            return True
+        time.sleep(interval)
+    return False
