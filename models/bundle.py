@@ -13,6 +13,7 @@ A bundle that fails any check is refused with a :class:`~models.errors.BundleErr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -172,6 +173,16 @@ class Bundle:
     path: Path
 
 
+@contextlib.contextmanager
+def quiet_jit():
+    """Silence torch's DeprecationWarning for TorchScript (still the format nn~-style hosts load)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+        yield
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -180,8 +191,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_bundle(scripted, card: Card, out_dir, *, force: bool = False) -> Path:
+def save_bundle(scripted, card: Card, out_dir, *, force: bool = False, extra_files: dict | None = None) -> Path:
     """Write ``scripted`` (a ``torch.jit.ScriptModule``) and ``card`` as a bundle directory.
+
+    ``extra_files`` maps file names to bytes written beside them (split, history, plots).
 
     The bundle is written into a temporary directory beside ``out_dir``, reloaded and checked,
     then renamed into place, so ``out_dir`` is complete or absent.
@@ -201,10 +214,15 @@ def save_bundle(scripted, card: Card, out_dir, *, force: bool = False) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         model_path = tmp / MODEL_FILE
-        torch.jit.save(scripted, str(model_path), _extra_files={CARD_FILE: card.to_json()})
+        with quiet_jit():
+            torch.jit.save(scripted, str(model_path), _extra_files={CARD_FILE: card.to_json()})
         d = card.to_dict()
         d["sha256"] = _sha256(model_path)
         (tmp / CARD_FILE).write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+        for name, data in (extra_files or {}).items():
+            if name in (MODEL_FILE, CARD_FILE) or "/" in name:
+                raise BundleError(f"extra file name {name!r} not allowed")
+            (tmp / name).write_bytes(data)
         load_bundle(tmp)  # refuse to publish a bundle that does not load
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -262,7 +280,8 @@ def load_bundle(path=None, *, kind: str | None = None) -> Bundle:
         raise BundleError(f"{path}: is a {card.kind} bundle, expected a {kind}")
     extra = {CARD_FILE: ""}
     try:
-        module = torch.jit.load(str(model_path), map_location="cpu", _extra_files=extra)
+        with quiet_jit():
+            module = torch.jit.load(str(model_path), map_location="cpu", _extra_files=extra)
     except Exception as e:  # torch raises RuntimeError/ValueError of many kinds for bad files
         raise BundleError(f"{model_path}: not a loadable TorchScript file ({str(e).splitlines()[0]})") from None
     try:

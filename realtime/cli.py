@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from models.errors import TarabError
@@ -97,8 +98,10 @@ def cmd_devices(args) -> int:
     for p in midi:
         if "error" in p:
             m.add_row(p["api"], p["direction"], "-", f"[dim]unavailable: {p['error']}[/]")
-        else:
-            m.add_row(p["api"], p["direction"], str(p["index"]), p["name"])
+        elif not p["ports"]:
+            m.add_row(p["api"], p["direction"], "-", "[dim](no ports)[/]")
+        for i, name in enumerate(p.get("ports", [])):
+            m.add_row(p["api"], p["direction"], str(i), name)
     con.print(m)
     return 0
 
@@ -188,5 +191,17 @@ def main(argv=None) -> int:
         return 1
 
 
+def entry() -> None:
+    """Console-script entry point."""
+    code = main()
+    from .engine import ABANDONED
+
+    if ABANDONED:  # a stream on a vanished audio server: its finaliser would hang at exit
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,7 +1,208 @@
-"""Subcommands beyond ``devices``/``monitor`` (classification, training, rendering, demo)."""
+"""Subcommands beyond ``devices``/``monitor``: training, evaluation, classification, demo."""
 
 from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from models.errors import ParameterError
+
+import numpy as np
+
+from . import mel as _mel
+
+
+def add_mel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("features (librosa names)")
+    g.add_argument("--n-fft", type=int, default=_mel.N_FFT)
+    g.add_argument("--hop-length", type=int, default=_mel.HOP_LENGTH)
+    g.add_argument("--n-mels", type=int, default=_mel.N_MELS)
+
+
+def _featurizer(args):
+    sm = _mel.StreamingMel(sr=_mel.SR, n_fft=args.n_fft, hop_length=args.hop_length, n_mels=args.n_mels)
+    return sm.transform, sm.config
+
+
+# ---- train -----------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from models.train import TrainConfig, train
+
+    cfg = TrainConfig(arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      patience=args.patience, window_frames=args.window_frames,
+                      max_train_windows=args.max_train_windows, time_budget_s=args.time_budget * 60.0)
+    cfg.validate()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    featurize, mel_config = _featurizer(args)
+    res = train(args.data_dir, args.output, featurizer=featurize, mel_config=mel_config, config=cfg,
+                cache_dir=args.cache_dir, resume=args.resume, force=args.force, progress=not args.json)
+    if "bundle" not in res:  # a non-zero DDP rank
+        return 0
+    t = res["test"]
+    summary = {"bundle": res["bundle"], "window_accuracy": t["window_accuracy"], "piece_accuracy": t["piece_accuracy"],
+               "macro_f1": t["macro_f1"], "params": res["params"], "epochs_run": res["epochs_run"],
+               "best_epoch": res["best_epoch"], "train_minutes": round(res["train_seconds"] / 60, 2),
+               "skipped": [p for p, _ in res["skipped"]]}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"bundle {res['bundle']}: test window accuracy {t['window_accuracy']:.3f}, piece accuracy "
+              f"{t['piece_accuracy']:.3f}, macro F1 {t['macro_f1']:.3f} ({t['n_pieces']} pieces, {t['n_windows']} windows); "
+              f"{res['params']} parameters, {res['epochs_run']} epochs in {res['train_seconds'] / 60:.1f} min")
+    return 0
 
 
 def register(sub) -> None:
     """Add this module's subcommands to the ``tarab`` parser."""
+    s = sub.add_parser("train", help="train a composer classifier and export a bundle")
+    s.add_argument("data_dir", type=Path, help="folder with one sub-folder of audio files per composer")
+    s.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to create")
+    s.add_argument("--arch", choices=["compact", "paper"], default="compact")
+    s.add_argument("--epochs", type=int, default=30)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--lr", type=float, default=2e-3)
+    s.add_argument("--patience", type=int, default=6, help="early stopping: epochs without validation improvement")
+    s.add_argument("--window-frames", type=int, default=216, help="frames per window (216 ≈ 5 s)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    s.add_argument("--max-train-windows", type=int, default=0, help="subsample training windows per epoch (0 = all)")
+    s.add_argument("--time-budget", type=float, default=0.0, help="stop after the epoch that passes this many minutes")
+    s.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default ~/.cache/tarab/features)")
+    s.add_argument("--resume", action="store_true", help="continue the run in OUTPUT.train/")
+    s.add_argument("--force", action="store_true", help="overwrite OUTPUT (and restart OUTPUT.train/)")
+    s.add_argument("--json", action="store_true", help="print a JSON summary; no progress bars")
+    add_mel_args(s)
+    s.set_defaults(func=cmd_train)
+    _register_classify(sub)
+
+
+# ---- classify / live ---------------------------------------------------------------------------
+def add_classifier_args(p: argparse.ArgumentParser) -> None:
+    from .classify import DEFAULT_RATE_HZ, DEFAULT_SILENCE_DB, DEFAULT_TIME_CONSTANT_S
+
+    p.add_argument("--model", type=Path, default=None, help="classifier bundle (default: the shipped one)")
+    p.add_argument("--rate", type=float, default=DEFAULT_RATE_HZ, help=f"estimates per second (default {DEFAULT_RATE_HZ})")
+    p.add_argument("--smoothing", type=float, default=DEFAULT_TIME_CONSTANT_S,
+                   help=f"smoothing time constant [s] (default {DEFAULT_TIME_CONSTANT_S})")
+    p.add_argument("--silence-db", type=float, default=DEFAULT_SILENCE_DB,
+                   help=f"below this input level show 'listening' (default {DEFAULT_SILENCE_DB} dBFS)")
+    p.add_argument("--json", action="store_true", help="JSON output (one object per line)")
+
+
+def cmd_classify(args) -> int:
+    from models.errors import TarabError
+
+    from .atomic import atomic_output, check_writable
+    from .classify import load_classifier
+    from .offline import classify_file
+
+    bundle = load_classifier(args.model)
+    if args.timeline is not None:
+        if len(args.files) > 1 and "{stem}" not in str(args.timeline):
+            raise ParameterError("--timeline: with several files, put {stem} in the name (e.g. 'tl-{stem}.png')")
+    failed = 0
+    for f in args.files:
+        try:
+            png = Path(str(args.timeline).format(stem=Path(f).stem)) if args.timeline else None
+            if png is not None:
+                check_writable(png, force=True)
+            r = classify_file(f, bundle, rate_hz=args.rate, time_constant_s=args.smoothing,
+                              silence_db=args.silence_db, keep_mel=png is not None)
+        except TarabError as e:
+            print(f"tarab: error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        if args.json:
+            print(json.dumps(r.as_dict()), flush=True)
+        else:
+            top = sorted(zip(r.probabilities, r.labels), reverse=True)[:3]
+            alt = ", ".join(f"{lab} {p:.2f}" for p, lab in top)
+            print(f"{f}: {r.composer}  ({alt}; {r.windows} windows, {r.seconds:.1f} s)", flush=True)
+        if png is not None:
+            from .plots import timeline_png
+
+            with atomic_output(png, force=True) as tmp:
+                timeline_png(tmp, r.mel, bundle.card.sr, bundle.card.hop_length, r.estimator.estimates,
+                             r.labels, title=f"{Path(f).name}: {r.composer}")
+    return 1 if failed else 0
+
+
+def cmd_live(args) -> int:
+    from .classify import ClassifierUnit, ClassifierWorker, Estimator, load_classifier
+    from .cli import _engine_from_args, finish_run
+    from .units import Chain, LevelMeter
+
+    bundle = load_classifier(args.model)
+    unit = ClassifierUnit(bundle.card)
+    meter = LevelMeter()
+    engine = _engine_from_args(Chain([meter, unit]), args)
+    engine.start()
+    est = Estimator(bundle, unit, args.rate, args.smoothing, args.silence_db)  # warms the model up
+    labels = est.labels
+    try:
+        if args.json:
+            def emit(e):
+                d = e.as_dict(labels)
+                d["xruns"] = engine.stats().xruns
+                print(json.dumps(d), flush=True)
+            worker = ClassifierWorker(est, on_estimate=emit)
+            worker.start()
+            reason = engine.run(args.seconds)
+        else:
+            from rich.live import Live
+
+            worker = ClassifierWorker(est)
+            worker.start()
+            with Live(_live_view(est, meter, engine, labels), refresh_per_second=8) as live:
+                reason = engine.run(args.seconds, on_tick=lambda eng: live.update(_live_view(est, meter, eng, labels)))
+        worker.stop()
+        return finish_run(engine, reason, json_out=args.json)
+    finally:
+        engine.stop()
+
+
+def _live_view(est, meter, engine, labels):
+    from rich.table import Table
+
+    from .cli import _meter_bar
+
+    e = est.latest
+    peak, rms = meter.read_and_clear()
+    t = Table.grid(padding=(0, 1))
+    t.add_column(justify="right")
+    t.add_column()
+    t.add_column(justify="right")
+    if e is None:
+        t.add_row("", "warming up: waiting for the first window", "")
+    else:
+        order = np.argsort(-e.smoothed)
+        for i in order:
+            p = float(e.smoothed[i])
+            bar = "█" * int(round(p * 40))
+            t.add_row(labels[i], f"[cyan]{bar:<40}[/]", f"{p:5.2f}")
+        head = ("[yellow]listening… (input too quiet)[/]" if e.listening
+                else f"[bold green]{labels[int(order[0])]}[/]  confidence {float(e.smoothed[order[0]]):.2f}")
+        t.add_row("leader", head, "")
+    t.add_row("input", _meter_bar(rms, 40), f"{rms:6.1f} dB")
+    t.add_row("", f"[dim]{engine.stats().line()} | {est.rate_hz:.2f} estimates/s, skipped {est.skipped}[/]", "")
+    return t
+
+
+def _register_classify(sub) -> None:
+    s = sub.add_parser("classify", help="classify audio files (offline, through the live block path)")
+    s.add_argument("files", nargs="+", help="audio files (WAV, FLAC, OGG, MP3, AIFF; any rate and channel count)")
+    s.add_argument("--timeline", type=Path, default=None,
+                   help="write a PNG timeline (use {stem} in the name for several files)")
+    add_classifier_args(s)
+    s.set_defaults(func=cmd_classify)
+
+    from .cli import add_audio_args
+
+    s = sub.add_parser("live", help="classify the audio input continuously")
+    add_audio_args(s)
+    add_classifier_args(s)
+    s.set_defaults(func=cmd_live)

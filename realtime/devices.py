@@ -173,17 +173,18 @@ def list_midi_ports() -> list[dict]:
     Returns
     -------
     list of dict
-        ``{"api": name, "direction": "in"|"out", "index": i, "name": port}``, plus one
-        ``{"api": name, "error": message}`` entry for an API that is unavailable.
+        One entry per API and direction: ``{"api": name, "direction": "in"|"out", "ports": [names]}``,
+        or ``{"api": name, "direction": ..., "error": message}`` where the API is unavailable
+        (e.g. no ALSA sequencer, no JACK server).
     """
     _native_logs.install()
     import rtmidi
 
     out = []
     for api in rtmidi.get_compiled_api():
-        api_name = rtmidi.get_api_display_name(api)
         if api == rtmidi.API_RTMIDI_DUMMY:
             continue
+        api_name = rtmidi.get_api_display_name(api)
         for direction, cls in (("in", rtmidi.MidiIn), ("out", rtmidi.MidiOut)):
             try:
                 m = cls(api)
@@ -191,8 +192,7 @@ def list_midi_ports() -> list[dict]:
                 out.append({"api": api_name, "direction": direction, "error": str(e)})
                 continue
             try:
-                for i, name in enumerate(m.get_ports()):
-                    out.append({"api": api_name, "direction": direction, "index": i, "name": name})
+                out.append({"api": api_name, "direction": direction, "ports": list(m.get_ports())})
             finally:
                 m.delete()
     return out

@@ -32,6 +32,9 @@ DEFAULT_SR = 22050
 DEFAULT_BLOCK = 256
 TIMING_HISTORY = 1 << 16  # callback durations kept for statistics
 WATCHDOG_S = 2.0  # no callback for this long after the first one: the device is gone
+# Streams whose audio server vanished. PortAudio's close (and so their finaliser) would block
+# forever; a process holding any should leave with os._exit after flushing (the CLI does).
+ABANDONED: list = []
 
 
 @dataclass
@@ -177,7 +180,17 @@ class AudioEngine:
         self.unit.reset()
 
     def stop(self) -> None:
-        """Stop and close the stream and release PortAudio (safe to call twice)."""
+        """Stop and close the stream and release PortAudio (safe to call twice).
+
+        After the audio server vanished, PortAudio's close would wait forever for it, so the
+        stream is abandoned instead (the process is about to exit or reopen anyway).
+        """
+        if self.stop_reason == "server-lost":
+            log.debug("audio server lost: abandoning the stream without closing it")
+            ABANDONED.append((self.stream, self.devices))  # never collected: their dealloc would hang
+            self.stream = None
+            self.devices = None
+            return
         if self.stream is not None:
             try:
                 if self.stream.is_active():

@@ -69,7 +69,7 @@ class Ring:
         if n > self.capacity:
             block = block[:, n - self.capacity:]
         m = block.shape[1]
-        start = self.written % self.capacity
+        start = (self.written + n - m) % self.capacity
         first = min(m, self.capacity - start)
         self.buf[:, start:start + first] = block[:, :first]
         if first < m:

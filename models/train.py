@@ -1,0 +1,385 @@
+"""Training of the composer classifier: piece-level split, cached features, augmentation,
+class weights, validation every epoch, early stopping, resumable checkpoints, optional DDP.
+
+Run through ``tarab train`` (which supplies the streaming-mel featurizer). Under ``torchrun``
+(``WORLD_SIZE`` > 1) it trains with DistributedDataParallel on the gloo backend; rank 0 alone
+writes checkpoints and the bundle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Card, save_bundle
+from .data import Augmenter, FeatureCache, WindowSet, describe, save_split, scan_dataset, split_pieces
+from .errors import BundleError, DataError, ParameterError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "train", "evaluate_windows", "SYMBTR_LICENCE"]
+
+SYMBTR_LICENCE = ("CC BY-NC-SA 4.0. Trained on audio rendered from SymbTr (M. K. Karaosmanoğlu, "
+                  "'A Turkish makam music symbolic database for music information retrieval: SymbTr', "
+                  "ISMIR 2012; Music Technology Group, Universitat Pompeu Fabra). No commercial use; "
+                  "share derivatives under the same licence.")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Training settings (all stored in the checkpoint and the bundle card)."""
+
+    arch: str = "compact"
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    window_frames: int = 216
+    train_hop_frames: int = 108
+    eval_hop_frames: int = 108
+    patience: int = 6
+    seed: int = 0
+    val_frac: float = 0.2
+    test_frac: float = 0.2
+    augment: bool = True
+    pitch_shift_semitones: float = 1.0
+    max_train_windows: int = 0  # 0 = all; >0 subsamples each epoch (quick runs, tests)
+    time_budget_s: float = 0.0  # 0 = none; stop after the epoch that crosses it
+
+    def validate(self):
+        if self.arch not in ("compact", "paper"):
+            raise ParameterError(f"arch: {self.arch!r} is not one of ['compact', 'paper']")
+        for k in ("epochs", "batch_size", "window_frames", "train_hop_frames", "eval_hop_frames"):
+            if getattr(self, k) < 1:
+                raise ParameterError(f"{k}: must be >= 1, got {getattr(self, k)}")
+        if not 0 < self.lr < 1:
+            raise ParameterError(f"lr: {self.lr} out of range (0, 1)")
+
+
+def _dist():
+    """(rank, world_size, is_distributed)."""
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    if ws > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+def _atomic_torch_save(obj, path: Path):
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _param_checksum(model) -> str:
+    h = hashlib.sha1()
+    for p in model.state_dict().values():
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def macro_f1(y_true, y_pred, n):
+    f1s = []
+    for c in range(n):
+        tp = np.sum((y_pred == c) & (y_true == c))
+        fp = np.sum((y_pred == c) & (y_true != c))
+        fn = np.sum((y_pred != c) & (y_true == c))
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(f1s))
+
+
+def evaluate_windows(predict, wset: WindowSet, batch_size: int = 64) -> dict:
+    """Window/piece accuracy, macro F1, per-class recall and confusion matrix.
+
+    Parameters
+    ----------
+    predict : callable(np.ndarray [shape=(b, n_mels, frames)] log-mel) -> np.ndarray [shape=(b, n_classes)]
+        Probabilities.
+    """
+    n = len(wset.labels)
+    probs = np.zeros((len(wset), n), np.float64)
+    for a in range(0, len(wset), batch_size):
+        xb = np.stack([wset.window(j) for j in range(a, min(a + batch_size, len(wset)))])
+        probs[a:a + len(xb)] = predict(xb)
+    y = wset.y
+    pred = probs.argmax(1)
+    pieces = sorted(set(wset.piece_of))
+    p_true, p_pred = [], []
+    for pc in pieces:
+        m = wset.piece_of == pc
+        p_true.append(y[m][0])
+        p_pred.append(probs[m].mean(0).argmax())
+    p_true, p_pred = np.array(p_true), np.array(p_pred)
+    cm = np.zeros((n, n), np.int64)
+    for t, p in zip(y, pred):
+        cm[t, p] += 1
+    per_class = {}
+    for c, lab in enumerate(wset.labels):
+        m = y == c
+        pm = p_true == c
+        per_class[lab] = {"window_recall": float((pred[m] == c).mean()) if m.any() else None,
+                          "piece_recall": float((p_pred[pm] == c).mean()) if pm.any() else None,
+                          "windows": int(m.sum()), "pieces": int(pm.sum())}
+    return {
+        "window_accuracy": float((pred == y).mean()) if len(y) else 0.0,
+        "piece_accuracy": float((p_pred == p_true).mean()) if len(p_true) else 0.0,
+        "macro_f1": macro_f1(y, pred, n),
+        "piece_macro_f1": macro_f1(p_true, p_pred, n),
+        "per_class": per_class,
+        "n_pieces": len(pieces),
+        "n_windows": int(len(y)),
+        "confusion": cm.tolist(),
+        "labels": list(wset.labels),
+    }
+
+
+def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfig | None = None,
+          cache_dir=None, resume: bool = False, force: bool = False, progress: bool = True,
+          items=None) -> dict:
+    """Train a classifier and export it as a bundle.
+
+    Parameters
+    ----------
+    data_dir : path
+        Folder-per-composer data set.
+    out_dir : path
+        Bundle directory to create. Training state lives in ``<out_dir>.train/`` (checkpoint
+        each epoch, split, history); ``resume=True`` continues from it.
+    featurizer : callable(y) -> mel power (n_mels, t)
+    mel_config : dict
+        ``sr, n_fft, hop_length, n_mels, fmin, fmax`` of the featurizer.
+    config : TrainConfig
+    items : list of Item, optional
+        Use these instead of scanning ``data_dir`` (tests).
+
+    Returns
+    -------
+    dict
+        Test-split figures, timings and paths.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .nets import ExportedClassifier, build_net, count_params
+
+    cfg = config or TrainConfig()
+    cfg.validate()
+    rank, world, distributed = _dist()
+    out_dir = Path(out_dir)
+    work = out_dir.with_name(out_dir.name + ".train")
+    if out_dir.exists() and not force:
+        raise BundleError(f"{out_dir} exists; pass --force to overwrite it")
+    if work.exists() and not resume and not force:
+        raise BundleError(f"{work} holds an earlier run; pass --resume to continue it or --force to start over")
+    if rank == 0:
+        if work.exists() and force and not resume:
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+    if distributed:
+        torch.distributed.barrier()
+
+    torch.manual_seed(cfg.seed + rank)
+    t_start = time.time()
+    items = items if items is not None else scan_dataset(data_dir)
+    labels = sorted({it.label for it in items})
+    split = split_pieces(items, cfg.seed, cfg.val_frac, cfg.test_frac)
+    if rank == 0:
+        save_split(split, work / "split.json")
+    by_set = {k: [it for it in items if it.piece in set(split[k])] for k in ("train", "val", "test")}
+    cache = FeatureCache(data_dir, cache_dir or Path.home() / ".cache" / "tarab" / "features", featurizer, mel_config)
+    feats, skipped = cache.load_all(items, progress=progress and rank == 0)
+    if not feats:
+        raise DataError(f"{data_dir}: no readable audio files")
+    t_feats = time.time() - t_start
+    wtrain = WindowSet(by_set["train"], feats, labels, cfg.window_frames, cfg.train_hop_frames)
+    wval = WindowSet(by_set["val"], feats, labels, cfg.window_frames, cfg.eval_hop_frames)
+    wtest = WindowSet(by_set["test"], feats, labels, cfg.window_frames, cfg.eval_hop_frames)
+    for name, ws in (("train", wtrain), ("validation", wval), ("test", wtest)):
+        if len(ws) == 0:
+            raise DataError(f"the {name} split has no windows")
+    log.info("windows: train %d, val %d, test %d", len(wtrain), len(wval), len(wtest))
+
+    # per-band normalisation from training windows (deterministic subsample)
+    rng = np.random.default_rng(cfg.seed)
+    sample = np.stack([wtrain.window(j) for j in rng.choice(len(wtrain), min(len(wtrain), 400), replace=False)])
+    mean = torch.tensor(sample.mean(axis=(0, 2)))
+    std = torch.tensor(sample.std(axis=(0, 2)) + 1e-3)
+
+    n_mels = mel_config["n_mels"]
+    net = build_net(cfg.arch, len(labels), n_mels, cfg.window_frames)
+    model = net
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(net)
+    if cfg.arch == "paper":  # the paper's L2 0.003 on the 128-unit layer
+        groups = [{"params": [p for n, p in net.named_parameters() if not n.startswith("fc2.")], "weight_decay": 0.0},
+                  {"params": list(net.fc2.parameters()), "weight_decay": 0.003 * 2}]
+        opt = torch.optim.Adam(groups, lr=cfg.lr)
+    else:
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, int(np.ceil((cfg.max_train_windows or len(wtrain)) / world / cfg.batch_size)))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
+                                                pct_start=0.15)
+    class_w = torch.tensor(wtrain.class_weights())
+    aug = Augmenter(mel_config["sr"], mel_config["n_fft"], n_mels, mel_config["fmin"], mel_config["fmax"],
+                    max_semitones=cfg.pitch_shift_semitones, seed=cfg.seed * 1000 + rank)
+    mean_n, std_n = mean.numpy()[None, :, None], std.numpy()[None, :, None]
+
+    state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0, "history": [],
+             "train_seconds": 0.0}
+    ckpt_path = work / "checkpoint.pt"
+    best_path = work / "best.pt"
+    if resume:
+        if not ckpt_path.is_file():
+            raise BundleError(f"--resume: no checkpoint in {work}")
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck["config"] != dataclasses.asdict(cfg) or ck["labels"] != labels:
+            raise BundleError(f"--resume: {ckpt_path} was made with other settings or labels")
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optim"])
+        sched.load_state_dict(ck["sched"])
+        state = json.loads(ck["state"])
+        log.info("resumed at epoch %d", state["epoch"])
+
+    def predict_logmel(xb):
+        with torch.no_grad():
+            x = torch.from_numpy((xb - mean_n) / std_n).unsqueeze(1)
+            return torch.softmax(net(x), -1).numpy()
+
+    from tqdm import tqdm
+
+    t_train0 = time.time() - state["train_seconds"]
+    while state["epoch"] < cfg.epochs:
+        epoch = state["epoch"]
+        net.train()
+        aug.rng = np.random.default_rng([cfg.seed, rank, epoch])  # a resumed run repeats the same draws
+        perm = np.random.default_rng([cfg.seed, epoch]).permutation(len(wtrain))
+        if cfg.max_train_windows:
+            perm = perm[: cfg.max_train_windows]
+        perm = perm[rank::world]
+        perm = perm[: steps_per_epoch * cfg.batch_size]
+        tot, n_seen = 0.0, 0
+        bar = tqdm(range(0, len(perm), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   disable=not progress or rank != 0, leave=False)
+        for a in bar:
+            idx = perm[a:a + cfg.batch_size]
+            xs = []
+            for j in idx:
+                if cfg.augment:
+                    L, _ = aug.source_length(cfg.window_frames)
+                    w = wtrain.window(j, L, start_jitter=int(aug.rng.integers(-cfg.train_hop_frames // 2, cfg.train_hop_frames // 2 + 1)))
+                    xs.append(aug(w, cfg.window_frames))
+                else:
+                    xs.append(wtrain.window(j))
+            x = torch.from_numpy((np.stack(xs) - mean_n) / std_n).float().unsqueeze(1)
+            y = torch.from_numpy(wtrain.y[idx])
+            loss = F.cross_entropy(model(x), y, weight=class_w, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched.last_epoch + 1 < sched.total_steps:
+                sched.step()
+            tot += loss.item() * len(idx)
+            n_seen += len(idx)
+            bar.set_postfix(loss=f"{tot / max(n_seen, 1):.3f}")
+        net.eval()
+        val = evaluate_windows(predict_logmel, wval)
+        with torch.no_grad():
+            vl = []
+            for a in range(0, len(wval), 64):
+                xb = np.stack([wval.window(j) for j in range(a, min(a + 64, len(wval)))])
+                logits = net(torch.from_numpy((xb - mean_n) / std_n).float().unsqueeze(1))
+                vl.append(float(F.cross_entropy(logits, torch.from_numpy(wval.y[a:a + len(xb)]), reduction="sum")))
+            val_loss = sum(vl) / len(wval)
+        state["epoch"] = epoch + 1
+        state["train_seconds"] = time.time() - t_train0
+        rec = {"epoch": epoch + 1, "train_loss": tot / max(n_seen, 1), "val_loss": val_loss,
+               "val_window_accuracy": val["window_accuracy"], "val_piece_accuracy": val["piece_accuracy"],
+               "lr": float(opt.param_groups[0]["lr"]), "seconds": state["train_seconds"],
+               "param_checksum": _param_checksum(net)}
+        state["history"].append(rec)
+        improved = val_loss < state["best_val_loss"] - 1e-4
+        if improved:
+            state.update(best_val_loss=val_loss, best_epoch=epoch + 1, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        if rank == 0:
+            if improved:
+                _atomic_torch_save(net.state_dict(), best_path)
+            _atomic_torch_save({"model": net.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
+                                "state": json.dumps(state), "config": dataclasses.asdict(cfg), "labels": labels},
+                               ckpt_path)
+            (work / "history.json").write_text(json.dumps(state["history"], indent=1) + "\n")
+            log.info("epoch %d: train %.3f, val %.3f, val acc %.3f (piece %.3f)%s", epoch + 1, rec["train_loss"],
+                     val_loss, val["window_accuracy"], val["piece_accuracy"], " *" if improved else "")
+        (work / f"rank{rank}.json").write_text(json.dumps([h["param_checksum"] for h in state["history"]]))
+        if distributed:
+            torch.distributed.barrier()
+        if state["bad_epochs"] >= cfg.patience:
+            log.info("early stop: no validation improvement for %d epochs", cfg.patience)
+            break
+        if cfg.time_budget_s and state["train_seconds"] >= cfg.time_budget_s:
+            log.info("time budget of %.0f s reached after epoch %d", cfg.time_budget_s, epoch + 1)
+            break
+
+    if distributed:
+        torch.distributed.barrier()
+    if rank != 0:
+        torch.distributed.destroy_process_group()
+        return {"rank": rank}
+    if best_path.is_file():
+        net.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
+    net.eval()
+    test = evaluate_windows(predict_logmel, wtest)
+    exported = ExportedClassifier(net, labels, mean, std).eval()
+    from .bundle import quiet_jit
+
+    with quiet_jit():
+        scripted = torch.jit.script(exported)
+    probe = torch.rand(3, n_mels, cfg.window_frames) * 1e-2
+    with torch.no_grad():
+        ref = exported(probe)
+        got = scripted(probe)
+    if not torch.allclose(ref, got, atol=1e-5):
+        raise BundleError("export check failed: the TorchScript model's outputs differ from the eager model's")
+    with quiet_jit():
+        scripted = torch.jit.freeze(scripted, preserved_attrs=["embed", "get_labels"])
+    n_params = count_params(net)
+    train_s = state["train_seconds"]
+    card = Card(
+        kind="classifier", name=f"{Path(data_dir).name}-{cfg.arch}", labels=labels,
+        sr=int(mel_config["sr"]), n_fft=int(mel_config["n_fft"]), hop_length=int(mel_config["hop_length"]),
+        n_mels=int(n_mels), fmin=float(mel_config["fmin"]),
+        fmax=None if mel_config["fmax"] is None else float(mel_config["fmax"]),
+        window_frames=cfg.window_frames,
+        training_data=(f"{Path(data_dir).name}: {len(items)} files, {len(labels)} composers; piece-level split "
+                       f"(seed {cfg.seed}): {len(split['train'])} train / {len(split['val'])} validation / "
+                       f"{len(split['test'])} test pieces"),
+        licence=SYMBTR_LICENCE,
+        metrics={"test": {k: test[k] for k in ("window_accuracy", "piece_accuracy", "macro_f1", "n_pieces", "n_windows")},
+                 "params": n_params, "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
+                 "train_seconds": round(train_s, 1), "feature_seconds": round(t_feats, 1), "world_size": world},
+        extra={"arch": cfg.arch, "config": dataclasses.asdict(cfg), "skipped_files": [p for p, _ in skipped]},
+    )
+    save_bundle(scripted, card, out_dir, force=force,
+                extra_files={"split.json": (work / "split.json").read_bytes(),
+                             "history.json": (work / "history.json").read_bytes(),
+                             "test_metrics.json": (json.dumps(test, indent=1) + "\n").encode()})
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return {"bundle": str(out_dir), "test": test, "params": n_params, "train_seconds": train_s,
+            "feature_seconds": t_feats, "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
+            "classes": describe(items), "skipped": skipped}

@@ -1,0 +1,122 @@
+"""The CLI around the engine, run as a user would: subprocesses against the JACK dummy server."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, run_cli
+
+pytestmark = pytest.mark.jack
+
+
+def _popen(*args, env=None):
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.Popen([sys.executable, "-m", "realtime.cli", *args], cwd=REPO, env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _no_traceback(err: str):
+    assert "Traceback" not in err, err
+
+
+def test_devices_lists_jack_device_and_midi_apis(jack_server):
+    r = run_cli("devices", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    jack = [x for x in d["devices"] if x["host_api"] == "JACK Audio Connection Kit"]
+    assert jack and jack[0]["inputs"] >= 1 and jack[0]["outputs"] >= 1 and 22050 in jack[0]["rates"]
+    apis = {p["api"] for p in d["midi"]}
+    assert "Jack" in apis
+    assert not [p for p in d["midi"] if p["api"] == "Jack" and "error" in p]
+    r = run_cli("devices")
+    assert r.returncode == 0 and "JACK Audio Connection Kit" in r.stdout and "MIDI ports" in r.stdout
+    _no_traceback(r.stderr)
+    assert "ALSA lib" not in r.stderr and "Cannot connect" not in r.stderr  # native noise silenced
+
+
+def test_devices_shows_jack_midi_ports(jack_server):
+    import rtmidi
+
+    port = rtmidi.MidiOut(rtmidi.API_UNIX_JACK)
+    port.open_virtual_port("tarab-test-keys")
+    try:
+        r = run_cli("devices", "--json")
+        names = [n for p in json.loads(r.stdout)["midi"] if p["api"] == "Jack" for n in p["ports"]]
+        assert any("tarab-test-keys" in n for n in names), names
+    finally:
+        port.close_port()
+        port.delete()
+
+
+def test_monitor_runs_and_reports(jack_server):
+    r = run_cli("monitor", "--seconds", "1.5", "--json")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    end = lines[-1]
+    assert end["event"] == "end" and end["reason"] == "duration"
+    assert end["xruns"] == 0 and end["faults"] == 0 and end["callbacks"] > 100
+    assert end["total_latency_ms"] > 0 and end["block_period_ms"] == pytest.approx(256 / 22050 * 1e3)
+    assert any(x["event"] == "level" for x in lines)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--input", "no-such-card"], "matches no device"),
+    (["--input", "42"], "does not exist"),
+    (["--sr", "44100"], "cannot open at 44100 Hz"),
+    (["--channels", "9"], "channels"),
+    (["--block", "8"], "block_size"),
+    (["--host-api", "coreaudio"], "host API"),
+])
+def test_monitor_bad_input_one_line(jack_server, args, match):
+    r = run_cli("monitor", "--seconds", "1", *args)
+    assert r.returncode == 2
+    _no_traceback(r.stderr)
+    assert match in r.stderr and r.stderr.count("\n") == 1 and r.stderr.startswith("tarab: error:")
+
+
+def test_no_audio_server():
+    r = run_cli("monitor", "--seconds", "1", "--host-api", "jack", env={"JACK_DEFAULT_SERVER": "tarab-nobody"})
+    assert r.returncode == 2 and "JACK server" in r.stderr
+    _no_traceback(r.stderr)
+
+
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_signals_stop_cleanly(jack_server, sig, code, word):
+    p = _popen("monitor", "--json")
+    try:
+        first = p.stdout.readline()  # the engine is running once it prints
+        assert json.loads(first)["event"] == "level"
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=20)
+    finally:
+        p.kill()
+    assert p.returncode == code, err
+    assert word in err and err.strip().count("\n") == 0
+    _no_traceback(err)
+
+
+def test_server_disappearing_stops_engine():
+    """Kill the (private) JACK server under a running monitor: clear message, exit 3."""
+    name = f"tarab-doomed-{os.getpid()}"
+    jackd = subprocess.Popen([shutil.which("jackd"), "-n", name, "-d", "dummy", "-r", "22050", "-p", "256"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        env = {"JACK_DEFAULT_SERVER": name}
+        assert subprocess.run(["jack_wait", "-w", "-t", "10"], env={**os.environ, **env}).returncode == 0
+        p = _popen("monitor", "--json", env=env)
+        assert json.loads(p.stdout.readline())["event"] == "level"
+        jackd.kill()
+        jackd.wait()
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 3, err
+        assert "audio server stopped" in err
+        _no_traceback(err)
+    finally:
+        jackd.kill()
