@@ -259,12 +259,14 @@ class Augmenter:
     """On-the-fly augmentation of log-mel windows.
 
     Pitch shift (±``max_semitones``, resampling the mel axis), time stretch (``stretch`` range,
-    resampling the time axis), gain (±``gain_db``), added noise (SNR in ``snr_db``), SpecAugment
-    frequency masks (up to ``freq_mask`` bins) and time masks (up to ``time_mask`` frames).
+    resampling the time axis), random EQ (a smooth random curve of up to ±``eq_db`` across the
+    bands, so the model cannot lean on an instrument's spectral envelope), gain (±``gain_db``),
+    added noise (SNR in ``snr_db``), SpecAugment frequency masks (up to ``freq_mask`` bins) and
+    time masks (up to ``time_mask`` frames).
     """
 
     def __init__(self, sr, n_fft, n_mels, fmin=0.0, fmax=None, *, max_semitones=2.0, stretch=(0.9, 1.1),
-                 gain_db=6.0, snr_db=(10.0, 40.0), noise_prob=0.3, freq_mask=30, time_mask=20, seed=0):
+                 eq_db=12.0, gain_db=6.0, snr_db=(10.0, 40.0), noise_prob=0.3, freq_mask=30, time_mask=20, seed=0):
         import librosa
 
         self.mel_hz = librosa.mel_frequencies(n_mels=n_mels, fmin=fmin, fmax=fmax or sr / 2)
@@ -272,6 +274,8 @@ class Augmenter:
         self.max_semitones = max_semitones
         self.stretch = stretch
         self.gain_db = gain_db
+        self.eq_db = eq_db
+        self._eq_basis = np.cos(np.pi * np.outer(np.arange(1, 5), np.linspace(0, 1, n_mels)))  # (4, n_mels)
         self.snr_db = snr_db
         self.noise_prob = noise_prob
         self.freq_mask = freq_mask
@@ -302,6 +306,9 @@ class Augmenter:
             f = (pos - i0).astype(np.float32)[:, None]
             w = w[i0] * (1 - f) + w[i1] * f
         w = w + rng.uniform(-self.gain_db, self.gain_db)
+        if self.eq_db > 0:
+            curve = rng.uniform(-1, 1, 4) @ self._eq_basis
+            w = w + (self.eq_db * curve / max(1.0, np.abs(curve).max()))[:, None].astype(np.float32)
         if rng.random() < self.noise_prob:
             level = w.mean() - rng.uniform(*self.snr_db)
             tilt = np.linspace(0.0, -12.0, self.n_mels)[:, None]  # pinkish

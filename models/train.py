@@ -246,7 +246,9 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
         if not ckpt_path.is_file():
             raise BundleError(f"--resume: no checkpoint in {work}")
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ck["config"] != dataclasses.asdict(cfg) or ck["labels"] != labels:
+        same = {k: v for k, v in ck["config"].items() if k != "time_budget_s"}
+        mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "time_budget_s"}
+        if same != mine or ck["labels"] != labels:
             raise BundleError(f"--resume: {ckpt_path} was made with other settings or labels")
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optim"])
@@ -266,6 +268,7 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
         epoch = state["epoch"]
         net.train()
         aug.rng = np.random.default_rng([cfg.seed, rank, epoch])  # a resumed run repeats the same draws
+        torch.manual_seed(cfg.seed * 100003 + epoch * 101 + rank)  # dropout, likewise
         perm = np.random.default_rng([cfg.seed, epoch]).permutation(len(wtrain))
         if cfg.max_train_windows:
             perm = perm[: cfg.max_train_windows]
@@ -295,6 +298,9 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
             tot += loss.item() * len(idx)
             n_seen += len(idx)
             bar.set_postfix(loss=f"{tot / max(n_seen, 1):.3f}")
+        if distributed:  # BN running stats drift per rank after the last step: take rank 0's
+            for buf in net.buffers():
+                torch.distributed.broadcast(buf, 0)
         net.eval()
         val = evaluate_windows(predict_logmel, wval)
         with torch.no_grad():

@@ -9,9 +9,9 @@ from models.errors import BundleError, DataError, ParameterError, TarabError
 from .devices import AudioDevices, DeviceError, list_midi_ports
 from .engine import AudioEngine, EngineStats
 from .ring import Ring
-from .units import Chain, LevelMeter, PassThrough, Unit
+from .units import Chain, LevelMeter, PassThrough, Recorder, Unit
 
 __all__ = [
     "AudioDevices", "AudioEngine", "BundleError", "Chain", "DataError", "DeviceError", "EngineStats",
-    "LevelMeter", "ParameterError", "PassThrough", "Ring", "TarabError", "Unit", "list_midi_ports",
+    "LevelMeter", "ParameterError", "PassThrough", "Recorder", "Ring", "TarabError", "Unit", "list_midi_ports",
 ]

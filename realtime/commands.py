@@ -78,6 +78,7 @@ def register(sub) -> None:
     add_mel_args(s)
     s.set_defaults(func=cmd_train)
     _register_classify(sub)
+    _register_demo(sub)
 
 
 # ---- classify / live ---------------------------------------------------------------------------
@@ -206,3 +207,54 @@ def _register_classify(sub) -> None:
     add_audio_args(s)
     add_classifier_args(s)
     s.set_defaults(func=cmd_live)
+
+
+# ---- demo ------------------------------------------------------------------------------------
+DEMO_CLIP = Path(__file__).resolve().parent / "clips" / "demo.ogg"
+
+
+def cmd_demo(args) -> int:
+    """The main job on what ships in the repo: classify the demo clip with a rolling timeline."""
+    import time
+
+    from .atomic import atomic_output
+    from .classify import DEFAULT_RATE_HZ, DEFAULT_SILENCE_DB, DEFAULT_TIME_CONSTANT_S, load_classifier
+    from .offline import classify_file
+    from .plots import timeline_png
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    bundle = load_classifier(args.model)
+    r = classify_file(args.clip, bundle, rate_hz=DEFAULT_RATE_HZ, time_constant_s=DEFAULT_TIME_CONSTANT_S,
+                      silence_db=DEFAULT_SILENCE_DB, keep_mel=True)
+    t_cls = time.perf_counter() - t0
+    with atomic_output(out / "timeline.png", force=True) as tmp:
+        timeline_png(tmp, r.mel, bundle.card.sr, bundle.card.hop_length, r.estimator.estimates, r.labels,
+                     title=f"{Path(args.clip).name}: rolling composer probabilities")
+    order = np.argsort(-r.probabilities)
+    summary = {"clip": str(args.clip), "seconds": round(r.seconds, 2), "composer": r.composer,
+               "top": [{"composer": r.labels[i], "probability": round(float(r.probabilities[i]), 4)} for i in order[:3]],
+               "windows": r.windows, "timeline": [e.as_dict(r.labels) for e in r.estimator.estimates],
+               "model": {"name": bundle.card.name, "test_metrics": bundle.card.metrics.get("test", {})},
+               "classify_seconds": round(t_cls, 2), "outputs": ["timeline.png", "summary.json"]}
+    with atomic_output(out / "summary.json", force=True) as tmp:
+        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"tarab demo — {Path(args.clip).name} ({r.seconds:.1f} s, {r.windows} windows of "
+          f"{bundle.card.window_frames * bundle.card.hop_length / bundle.card.sr:.1f} s at {r.estimator.rate_hz:.2f} Hz)")
+    for i in order[:3]:
+        print(f"  {r.labels[i]:<20} {r.probabilities[i]:.3f}")
+    m = bundle.card.metrics.get("test", {})
+    if m:
+        print(f"model {bundle.card.name}: piece-level test accuracy {m.get('piece_accuracy', 0):.1%} "
+              f"(window {m.get('window_accuracy', 0):.1%})")
+    print(f"classified in {t_cls:.2f} s; wrote {out}/timeline.png and {out}/summary.json")
+    return 0
+
+
+def _register_demo(sub) -> None:
+    s = sub.add_parser("demo", help="run the main job on the shipped model and demo clip → demo-out/")
+    s.add_argument("--clip", type=Path, default=DEMO_CLIP, help="audio file (default: the shipped demo clip)")
+    s.add_argument("--model", type=Path, default=None, help="classifier bundle (default: the shipped one)")
+    s.add_argument("-o", "--output", type=Path, default=Path("demo-out"), help="output folder (default demo-out/)")
+    s.set_defaults(func=cmd_demo)

@@ -17,7 +17,7 @@ from numba import njit
 
 from models.errors import ParameterError, check_range
 
-__all__ = ["Unit", "Chain", "PassThrough", "LevelMeter", "MIN_BLOCK", "MAX_BLOCK"]
+__all__ = ["Unit", "Chain", "PassThrough", "LevelMeter", "Recorder", "MIN_BLOCK", "MAX_BLOCK"]
 
 MIN_BLOCK = 32
 MAX_BLOCK = 8192
@@ -189,6 +189,45 @@ class LevelMeter(PassThrough):
 
     def reset(self):
         self._acc[:] = 0.0
+
+
+class Recorder(PassThrough):
+    """Pass-through that copies the signal into a preallocated ring for another thread to drain.
+
+    Parameters
+    ----------
+    seconds : float > 0
+        Ring capacity [s]; a consumer that lags more than this loses the oldest audio (counted
+        in ``ring.overruns``).
+
+    Notes
+    -----
+    Real-time safe: ``process`` is one slice copy into the ring.
+    """
+
+    def __init__(self, seconds: float = 60.0):
+        super().__init__()
+        self.seconds = check_range("seconds", seconds, 0.01, 3600.0)
+        self.ring = None
+
+    def _prepare(self):
+        from .ring import Ring
+
+        self.ring = Ring(self.channels, int(self.seconds * self.sr), guard=self.block_size)
+
+    def process(self, block, out=None):
+        self.ring.write(block)
+        return super().process(block, out)
+
+    def drain(self) -> np.ndarray:
+        """Everything recorded since the last drain, shape (channels, n) (consumer side)."""
+        out = np.zeros((self.channels, self.ring.available()), np.float32)
+        n = self.ring.read_into(out)
+        return out[:, :n]
+
+    def reset(self):
+        if self.ring is not None:
+            self.ring.reset()
 
 
 def validate_block(block, channels: int) -> None:

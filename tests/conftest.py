@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,37 +25,19 @@ def _need(reason: str):
 
 @pytest.fixture(scope="session")
 def jack_server():
-    """Start ``jackd -d dummy`` under a unique name, export JACK_DEFAULT_SERVER, stop it by PID."""
-    jackd = shutil.which("jackd")
-    if jackd is None:
+    """A private ``jackd -d dummy`` server for the session (JACK_DEFAULT_SERVER is set)."""
+    from realtime.jacktools import dummy_server
+
+    if shutil.which("jackd") is None:
         _need("jackd is not installed (make test installs it: apt-get install jackd2)")
     name = f"tarab-test-{os.getpid()}"
-    log = open(REPO / ".pytest_cache" / f"{name}.log", "w") if (REPO / ".pytest_cache").is_dir() else subprocess.DEVNULL
-    proc = subprocess.Popen([jackd, "-n", name, "-R", "-d", "dummy", "-r", str(JACK_SR), "-p", str(JACK_PERIOD)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    env = dict(os.environ, JACK_DEFAULT_SERVER=name)
-    ok = subprocess.run(["jack_wait", "-w", "-t", "10"], env=env, capture_output=True).returncode == 0
-    if not ok or proc.poll() is not None:
-        proc.kill()
-        pytest.fail(f"jackd dummy server {name} did not start")
-    old = os.environ.get("JACK_DEFAULT_SERVER")
-    os.environ["JACK_DEFAULT_SERVER"] = name
-    yield name
-    if old is None:
-        os.environ.pop("JACK_DEFAULT_SERVER", None)
-    else:
-        os.environ["JACK_DEFAULT_SERVER"] = old
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    with dummy_server(name, JACK_SR, JACK_PERIOD) as n:
+        yield n
 
 
 @pytest.fixture
 def jack_probe(jack_server):
-    from jackio import JackProbe
+    from realtime.jacktools import JackProbe
 
     probe = JackProbe()
     yield probe

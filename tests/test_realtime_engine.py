@@ -5,7 +5,7 @@ import pytest
 
 from realtime import AudioEngine, LevelMeter, ParameterError, PassThrough, Unit
 from realtime.devices import DeviceError
-from jackio import measure_delay
+from realtime.jacktools import measure_delay
 
 pytestmark = pytest.mark.jack
 

@@ -1,11 +1,56 @@
-"""Test helpers that talk to a JACK server with JACK-Client: inject audio, capture audio, send MIDI."""
+"""JACK tools for tests and benchmarks: a private dummy server (a real clocked device) and a probe
+client (JACK-Client) that injects audio into and captures audio from the engine's ports."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import subprocess
 import threading
 import time
 
 import numpy as np
+
+from models.errors import TarabError
+
+
+@contextlib.contextmanager
+def dummy_server(name: str | None = None, sr: int = 22050, period: int = 256, log=subprocess.DEVNULL):
+    """Run ``jackd -n NAME -R -d dummy -r SR -p PERIOD``, export JACK_DEFAULT_SERVER, stop it by PID.
+
+    Raises
+    ------
+    TarabError
+        jackd is missing or the server does not come up within 10 s.
+    """
+    jackd = shutil.which("jackd")
+    if jackd is None:
+        raise TarabError("jackd is not installed (apt-get install jackd2)")
+    name = name or f"tarab-{os.getpid()}"
+    proc = subprocess.Popen([jackd, "-n", name, "-R", "-d", "dummy", "-r", str(sr), "-p", str(period)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    env = dict(os.environ, JACK_DEFAULT_SERVER=name)
+    ok = subprocess.run(["jack_wait", "-w", "-t", "10"], env=env, capture_output=True).returncode == 0
+    if not ok or proc.poll() is not None:
+        proc.kill()
+        proc.wait()
+        raise TarabError(f"jackd dummy server {name} did not start")
+    old = os.environ.get("JACK_DEFAULT_SERVER")
+    os.environ["JACK_DEFAULT_SERVER"] = name
+    try:
+        yield name
+    finally:
+        if old is None:
+            os.environ.pop("JACK_DEFAULT_SERVER", None)
+        else:
+            os.environ["JACK_DEFAULT_SERVER"] = old
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class JackProbe:

@@ -1,0 +1,164 @@
+"""Classification: offline through the block path, live through the JACK device, and both equal."""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import REPO, run_cli
+from realtime import AudioEngine, Chain, Recorder
+from realtime.classify import ClassifierUnit, ClassifierWorker, Estimator, load_classifier
+from realtime.offline import classify_file
+
+CLIPS = REPO / "realtime" / "clips"
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_classifier()
+
+
+def _offline_on_samples(bundle, y, sr, block=1024, rate=4.0):
+    unit = ClassifierUnit(bundle.card)
+    unit.prepare(sr, block, 1)
+    est = Estimator(bundle, unit, rate, 2.0, -55.0)
+    for a in range(0, y.size, block):
+        unit.process(y[None, a:a + block])
+        est.poll()
+    return est
+
+
+def test_block_pattern_does_not_change_estimates(bundle):
+    y, sr = sf.read(CLIPS / "sevki_bey.ogg", dtype="float32")
+    a = _offline_on_samples(bundle, y, sr, block=4096)
+    b = _offline_on_samples(bundle, y, sr, block=37)
+    assert len(a.estimates) == len(b.estimates) > 0
+    for ea, eb in zip(a.estimates, b.estimates):
+        assert ea.frame_end == eb.frame_end
+        np.testing.assert_allclose(ea.probs, eb.probs, atol=1e-6)
+
+
+def test_rate_and_smoothing(bundle):
+    y, sr = sf.read(CLIPS / "erol_bingol.ogg", dtype="float32")
+    est = _offline_on_samples(bundle, y, sr, rate=4.0)
+    assert est.hop_frames == 11 and est.rate_hz == pytest.approx(22050 / 512 / 11)
+    times = np.array([e.time_s for e in est.estimates])
+    assert np.allclose(np.diff(times), 11 * 512 / 22050)
+    expected = 1 + (sr * 10 // 512 - 3 - 216) // 11  # frames in 10 s, first window at 216
+    assert abs(len(est.estimates) - expected) <= 1
+    # EMA: smoothed = (1-a) * previous + a * raw
+    e0, e1 = est.estimates[0], est.estimates[1]
+    np.testing.assert_allclose(e1.smoothed, (1 - est.alpha) * e0.smoothed + est.alpha * e1.probs, atol=1e-9)
+    assert abs(sum(e1.smoothed) - 1) < 1e-5
+
+
+def test_silence_is_listening(bundle):
+    est = _offline_on_samples(bundle, np.zeros(22050 * 7, np.float32), 22050)
+    assert est.estimates and all(e.listening for e in est.estimates)
+    assert all(e.as_dict(est.labels)["leader"] is None for e in est.estimates)
+
+
+def test_classify_formats_rates_channels(bundle, tmp_path):
+    y, sr = sf.read(CLIPS / "haci_arif_bey.ogg", dtype="float32")
+    ref = classify_file(CLIPS / "haci_arif_bey.ogg", bundle, rate_hz=4, time_constant_s=2, silence_db=-55)
+    import soxr
+
+    variants = {
+        "stereo.wav": (np.stack([y, y], 1), sr, "WAV"),
+        "eight.flac": (np.tile(y[:, None], (1, 8)), sr, "FLAC"),
+        "r44.aiff": (soxr.resample(y, sr, 44100), 44100, "AIFF"),
+        "r8k.wav": (soxr.resample(y, sr, 8000), 8000, "WAV"),
+        "r192k.wav": (soxr.resample(y, sr, 192000), 192000, "WAV"),
+        "mono.mp3": (y, sr, "MP3"),
+    }
+    for name, (data, rate, fmt) in variants.items():
+        sf.write(tmp_path / name, data, rate, format=fmt)
+        r = classify_file(tmp_path / name, bundle, rate_hz=4, time_constant_s=2, silence_db=-55)
+        assert abs(r.windows - ref.windows) <= 1, name
+        if name in ("stereo.wav", "eight.flac"):  # identical samples after the mono mix
+            np.testing.assert_allclose(r.probabilities, ref.probabilities, atol=1e-5)
+        elif name != "r8k.wav":  # 8 kHz loses everything above 4 kHz
+            assert np.abs(r.probabilities - ref.probabilities).max() < 0.15, name
+
+
+def test_short_file_gets_one_padded_window(bundle, tmp_path):
+    y, sr = sf.read(CLIPS / "dede_efendi.ogg", dtype="float32")
+    sf.write(tmp_path / "short.wav", y[: sr * 2], sr)
+    r = classify_file(tmp_path / "short.wav", bundle, rate_hz=4, time_constant_s=2, silence_db=-55)
+    assert r.windows == 1 and abs(r.probabilities.sum() - 1) < 1e-5
+
+
+def test_cli_classify_bad_files_and_json(tmp_path):
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "text.ogg").write_text("this is not audio")
+    good = CLIPS / "sefik_gurmeric.ogg"
+    data = good.read_bytes()
+    (tmp_path / "trunc.ogg").write_bytes(data[:200])
+    sf.write(tmp_path / "nan.wav", np.array([0.1, np.nan, 0.2] * 1000, np.float32), 22050, subtype="FLOAT")
+    sf.write(tmp_path / "zero.wav", np.zeros((0, 1), np.float32), 22050)
+    bad = ["empty.wav", "text.ogg", "trunc.ogg", "nan.wav", "zero.wav", "missing.wav"]
+    r = run_cli("classify", good, *[tmp_path / b for b in bad], "--json", "--timeline", tmp_path / "tl-{stem}.png")
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    errs = r.stderr.strip().splitlines()
+    assert len(errs) == len(bad) and all(e.startswith("tarab: error:") for e in errs)
+    for b in bad:
+        assert any(b in e for e in errs), b
+    out = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(out) == 1 and out[0]["file"].endswith("sefik_gurmeric.ogg")
+    assert set(out[0]["probabilities"]) == set(load_classifier().card.labels) and out[0]["windows"] > 10
+    png = tmp_path / "tl-sefik_gurmeric.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".png") == ["tl-sefik_gurmeric.png"]
+
+
+def test_cli_bad_model(tmp_path):
+    r = run_cli("classify", CLIPS / "demo.ogg", "--model", tmp_path)
+    assert r.returncode == 2 and "bundle has no card.json" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.jack
+def test_live_classification_through_jack(jack_probe, bundle):
+    """Inject a clip through JACK into the engine running the classifier (worker thread)."""
+    clip, sr = sf.read(CLIPS / "demo.ogg", dtype="float32")
+    y = np.concatenate([np.zeros(6 * sr, np.float32), clip])  # 6 s of silence first
+    rec = Recorder(seconds=60)
+    unit = ClassifierUnit(bundle.card)
+    engine = AudioEngine(Chain([rec, unit]), sr=jack_probe.sr, block_size=256).start()
+    est = Estimator(bundle, unit, rate_hz=4.0)
+    worker = ClassifierWorker(est)
+    try:
+        jack_probe.connect_through()
+        worker.start()
+        t0 = time.time()
+        jack_probe.play_and_record(y, y.size + sr // 2)
+        time.sleep(0.5)
+        t1 = time.time()
+    finally:
+        worker.stop()
+        stats = engine.stats()
+        engine.stop()
+    live = est.estimates
+    assert stats.xruns == 0 and stats.faults == 0 and worker.error is None and est.skipped == 0
+    # published at the configured rate, in stream time and in wall time
+    assert abs(len(live) - (rec.ring.written - 2048) / 512 / 11 + 216 / 11) <= 2
+    gaps = np.diff([e.wall_time for e in live if e.wall_time > t0 + 7])
+    assert 0.15 < np.median(gaps) < 0.35
+    assert live[-1].wall_time > t1 - 1.0  # still publishing at the end
+    # the engine's input, replayed offline, gives the same estimates window for window
+    recorded = rec.drain()[0]
+    off = _offline_on_samples(bundle, recorded, sr, block=4096)
+    assert [e.frame_end for e in off.estimates] == [e.frame_end for e in live]
+    for a, b in zip(off.estimates, live):
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
+        np.testing.assert_allclose(a.smoothed, b.smoothed, atol=1e-5)
+    # windows before the clip arrived were silent: "listening"
+    assert live[0].listening
+    # the leader over the clip equals the offline classification of the clip file
+    loud = [e.probs for e in live if not e.listening]
+    ref = classify_file(CLIPS / "demo.ogg", bundle, rate_hz=4, time_constant_s=2, silence_db=-55)
+    assert est.labels[int(np.argmax(np.mean(loud, axis=0)))] == ref.composer
