@@ -238,6 +238,14 @@ class WindowSet:
     def __len__(self):
         return len(self.index)
 
+    def subset(self, rows) -> "WindowSet":
+        """A view with only the windows ``rows`` (same items and features)."""
+        ws = object.__new__(WindowSet)
+        ws.labels, ws.window_frames, ws.items, ws.feats = self.labels, self.window_frames, self.items, self.feats
+        rows = np.asarray(rows, np.int64)
+        ws.index, ws.y, ws.piece_of = self.index[rows], self.y[rows], self.piece_of[rows]
+        return ws
+
     def window(self, j: int, length: int | None = None, start_jitter: int = 0) -> np.ndarray:
         """Window ``j`` (float32, (n_mels, length)), optionally longer/shifted for augmentation."""
         L = length or self.window_frames

@@ -52,6 +52,7 @@ class TrainConfig:
     test_frac: float = 0.2
     augment: bool = True
     pitch_shift_semitones: float = 1.0
+    leaky_window_split: bool = False  # the paper's window-level split (leaks pieces); comparison only
     max_train_windows: int = 0  # 0 = all; >0 subsamples each epoch (quick runs, tests)
     time_budget_s: float = 0.0  # 0 = none; stop after the epoch that crosses it
 
@@ -205,9 +206,17 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
     if not feats:
         raise DataError(f"{data_dir}: no readable audio files")
     t_feats = time.time() - t_start
-    wtrain = WindowSet(by_set["train"], feats, labels, cfg.window_frames, cfg.train_hop_frames)
-    wval = WindowSet(by_set["val"], feats, labels, cfg.window_frames, cfg.eval_hop_frames)
-    wtest = WindowSet(by_set["test"], feats, labels, cfg.window_frames, cfg.eval_hop_frames)
+    if cfg.leaky_window_split:
+        # The paper's protocol, for comparison only: windows of one piece land in train AND test.
+        wall = WindowSet(items, feats, labels, cfg.window_frames, cfg.eval_hop_frames)
+        perm = np.random.default_rng(cfg.seed).permutation(len(wall))
+        n_te, n_va = int(cfg.test_frac * len(perm)), int(cfg.val_frac * len(perm))
+        wtest, wval, wtrain = (wall.subset(perm[:n_te]), wall.subset(perm[n_te:n_te + n_va]),
+                               wall.subset(perm[n_te + n_va:]))
+    else:
+        wtrain = WindowSet(by_set["train"], feats, labels, cfg.window_frames, cfg.train_hop_frames)
+        wval = WindowSet(by_set["val"], feats, labels, cfg.window_frames, cfg.eval_hop_frames)
+        wtest = WindowSet(by_set["test"], feats, labels, cfg.window_frames, cfg.eval_hop_frames)
     for name, ws in (("train", wtrain), ("validation", wval), ("test", wtest)):
         if len(ws) == 0:
             raise DataError(f"the {name} split has no windows")
@@ -371,9 +380,11 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
         n_mels=int(n_mels), fmin=float(mel_config["fmin"]),
         fmax=None if mel_config["fmax"] is None else float(mel_config["fmax"]),
         window_frames=cfg.window_frames,
-        training_data=(f"{Path(data_dir).name}: {len(items)} files, {len(labels)} composers; piece-level split "
-                       f"(seed {cfg.seed}): {len(split['train'])} train / {len(split['val'])} validation / "
-                       f"{len(split['test'])} test pieces"),
+        training_data=(f"{Path(data_dir).name}: {len(items)} files, {len(labels)} composers; "
+                       + ("LEAKY window-level split (comparison only; windows of a piece in train and test)"
+                          if cfg.leaky_window_split else
+                          f"piece-level split (seed {cfg.seed}): {len(split['train'])} train / "
+                          f"{len(split['val'])} validation / {len(split['test'])} test pieces")),
         licence=SYMBTR_LICENCE,
         metrics={"test": {k: test[k] for k in ("window_accuracy", "piece_accuracy", "macro_f1", "n_pieces", "n_windows")},
                  "params": n_params, "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],

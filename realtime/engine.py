@@ -153,12 +153,8 @@ class AudioEngine:
             self.output_device = self.devices.resolve(output_device, "output")
             self.devices.check_format(self.sr, self.input_device, self.in_channels,
                                       self.output_device, self.out_channels)
-            self.unit.prepare(self.sr, self.block_size, self.in_channels)
-            self._warm_up()
+            self.arm()
             pa = self.devices.pyaudio
-            self._flag_bits = (pa.paInputUnderflow, pa.paInputOverflow, pa.paOutputUnderflow,
-                               pa.paOutputOverflow, pa.paPrimingOutput)
-            self._continue = pa.paContinue
             try:
                 self.stream = self.devices.pa.open(
                     rate=self.sr, format=pa.paFloat32, channels=self.in_channels,
@@ -172,6 +168,19 @@ class AudioEngine:
             self.stop()
             raise
         return self
+
+    def arm(self) -> None:
+        """Prepare the unit (allocations) and run the callback path on silence (kernel compilation).
+
+        ``start`` calls it; it needs no device, so tests can drive ``_callback`` directly.
+        """
+        import pyaudio as pa
+
+        self._flag_bits = (pa.paInputUnderflow, pa.paInputOverflow, pa.paOutputUnderflow,
+                           pa.paOutputOverflow, pa.paPrimingOutput)
+        self._continue = pa.paContinue
+        self.unit.prepare(self.sr, self.block_size, self.in_channels)
+        self._warm_up()
 
     def _warm_up(self) -> None:
         """Run the callback path once on silence so kernels are compiled before the stream."""

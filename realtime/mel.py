@@ -23,9 +23,13 @@ N_MELS = 128
 
 
 # ---- kernels ---------------------------------------------------------------------------------
-@njit(cache=True, nogil=True)
-def _fft_inplace(re, im, bitrev, cos_t, sin_t):
-    """Iterative radix-2 complex FFT (forward, unnormalised) of ``re + i im``, in place."""
+@njit(cache=True, nogil=True, fastmath=True)
+def _fft_inplace(re, im, bitrev, tw_re, tw_im):
+    """Complex FFT (forward, unnormalised) of ``re + i im`` in place: radix-2^2 decimation in time.
+
+    After the bit-reversal permutation, pairs of radix-2 stages run as one pass over the data
+    (one plain radix-2 stage first when log2(n) is odd). ``tw_re + i tw_im`` = exp(-2πi j/n), j < n/2.
+    """
     n = re.shape[0]
     for i in range(n):
         j = bitrev[i]
@@ -36,43 +40,76 @@ def _fft_inplace(re, im, bitrev, cos_t, sin_t):
             t = im[i]
             im[i] = im[j]
             im[j] = t
-    size = 2
-    while size <= n:
-        half = size >> 1
-        step = n // size
-        for start in range(0, n, size):
-            k = 0
-            for j in range(start, start + half):
-                wr = cos_t[k]
-                wi = -sin_t[k]
-                l = j + half
-                tr = wr * re[l] - wi * im[l]
-                ti = wr * im[l] + wi * re[l]
-                re[l] = re[j] - tr
-                im[l] = im[j] - ti
-                re[j] += tr
-                im[j] += ti
-                k += step
-        size <<= 1
+    stages = 0
+    t2 = n
+    while t2 > 1:
+        stages += 1
+        t2 >>= 1
+    h = 1
+    if stages % 2 == 1:
+        for s in range(0, n, 2):
+            ar = re[s]
+            ai = im[s]
+            br = re[s + 1]
+            bi = im[s + 1]
+            re[s] = ar + br
+            im[s] = ai + bi
+            re[s + 1] = ar - br
+            im[s + 1] = ai - bi
+        h = 2
+    while h < n:
+        q = 4 * h
+        s1 = n // (2 * h)  # W_{2h}^k = W_n^(k s1)
+        s2 = n // q  # W_{4h}^k = W_n^(k s2)
+        for k in range(h):
+            w1r = tw_re[k * s1]
+            w1i = tw_im[k * s1]
+            w2r = tw_re[k * s2]
+            w2i = tw_im[k * s2]
+            for start in range(0, n, q):
+                j0 = start + k
+                j1 = j0 + h
+                j2 = j1 + h
+                j3 = j2 + h
+                # first radix-2 stage (size 2h) on (j0, j1) and (j2, j3)
+                tr = w1r * re[j1] - w1i * im[j1]
+                ti = w1r * im[j1] + w1i * re[j1]
+                ar = re[j0] + tr
+                ai = im[j0] + ti
+                br = re[j0] - tr
+                bi = im[j0] - ti
+                tr = w1r * re[j3] - w1i * im[j3]
+                ti = w1r * im[j3] + w1i * re[j3]
+                cr = re[j2] + tr
+                ci = im[j2] + ti
+                dr = re[j2] - tr
+                di = im[j2] - ti
+                # second stage (size 4h): twiddles W_{4h}^k and W_{4h}^(k+h) = -i W_{4h}^k
+                tr = w2r * cr - w2i * ci
+                ti = w2r * ci + w2i * cr
+                re[j0] = ar + tr
+                im[j0] = ai + ti
+                re[j2] = ar - tr
+                im[j2] = ai - ti
+                ur = w2r * dr - w2i * di
+                ui = w2r * di + w2i * dr
+                re[j1] = br + ui
+                im[j1] = bi - ur
+                re[j3] = br - ui
+                im[j3] = bi + ur
+        h = q
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _frame_power(ring, pos, window, re, im, bitrev, cos_t, sin_t, post_cos, post_sin, power):
-    """|rfft(window * frame)|² of the ``n_fft`` samples in ``ring`` starting (oldest) at ``pos``."""
-    n_fft = ring.shape[0]
-    m = n_fft >> 1
-    p = pos
+    """|rfft(window * frame)|² of the ``n_fft`` samples ``ring[pos:pos + n_fft]``.
+
+    The ring is written twice (at ``i`` and ``i + n_fft``), so every frame is contiguous.
+    """
+    m = window.shape[0] >> 1
     for k in range(m):
-        a = ring[p] * window[2 * k]
-        p += 1
-        if p == n_fft:
-            p = 0
-        b = ring[p] * window[2 * k + 1]
-        p += 1
-        if p == n_fft:
-            p = 0
-        re[k] = a
-        im[k] = b
+        re[k] = ring[pos + 2 * k] * window[2 * k]
+        im[k] = ring[pos + 2 * k + 1] * window[2 * k + 1]
     _fft_inplace(re, im, bitrev, cos_t, sin_t)
     for k in range(m + 1):
         k1 = k if k < m else 0
@@ -91,7 +128,7 @@ def _frame_power(ring, pos, window, re, im, bitrev, cos_t, sin_t, post_cos, post
         power[k] = xr * xr + xi * xi
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _mel_frame(power, lo, hi, off, w, out, col):
     for b in range(lo.shape[0]):
         s = 0.0
@@ -109,7 +146,7 @@ def _mel_stream(x, ring, state, window, re, im, bitrev, cos_t, sin_t, post_cos, 
     state[0] ring write position, state[1] samples until the next frame, state[2] hop length.
     Stops early (returning the frames made, with state consistent) if ``out`` is full.
     """
-    n_fft = ring.shape[0]
+    n_fft = ring.shape[0] >> 1
     pos = state[0]
     nxt = state[1]
     hop = state[2]
@@ -119,6 +156,7 @@ def _mel_stream(x, ring, state, window, re, im, bitrev, cos_t, sin_t, post_cos, 
     n = x.shape[0]
     while i < n:
         ring[pos] = x[i]
+        ring[pos + n_fft] = x[i]
         pos += 1
         if pos == n_fft:
             pos = 0
@@ -225,12 +263,12 @@ class StreamingMel:
         m = self.n_fft // 2
         bits = m.bit_length() - 1
         self._bitrev = np.array([int(format(i, f"0{bits}b")[::-1], 2) if bits else 0 for i in range(m)], np.int64)
-        self._cos = np.cos(2 * np.pi * np.arange(m // 2 + 1) / m)
-        self._sin = np.sin(2 * np.pi * np.arange(m // 2 + 1) / m)
+        self._cos = np.cos(2 * np.pi * np.arange(max(1, m // 2)) / m)  # FFT twiddles W_m^j = cos - i sin
+        self._sin = -np.sin(2 * np.pi * np.arange(max(1, m // 2)) / m)
         self._post_cos = np.cos(2 * np.pi * np.arange(m + 1) / self.n_fft)
         self._post_sin = np.sin(2 * np.pi * np.arange(m + 1) / self.n_fft)
         self._lo, self._hi, self._off, self._w = mel_filter_runs(self.sr, self.n_fft, self.n_mels, self.fmin, self.fmax)
-        self._ring = np.zeros(self.n_fft, np.float64)
+        self._ring = np.zeros(2 * self.n_fft, np.float64)  # each sample at i and i + n_fft
         self._re = np.zeros(m, np.float64)
         self._im = np.zeros(m, np.float64)
         self._power = np.zeros(m + 1, np.float64)
