@@ -212,6 +212,9 @@ def save_bundle(scripted, card: Card, out_dir, *, force: bool = False, extra_fil
     card = dataclasses.replace(card, torch_version=torch.__version__)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; the bundle gets the user's usual mode
     try:
         model_path = tmp / MODEL_FILE
         with quiet_jit():

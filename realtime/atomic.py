@@ -33,6 +33,12 @@ def check_writable(path, force: bool = False) -> Path:
     return p
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output(path, force: bool = False):
     """Yield a temporary path next to ``path``; on success rename it to ``path``, else delete it.
@@ -50,6 +56,7 @@ def atomic_output(path, force: bool = False):
     fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=p.suffix, dir=p.parent if str(p.parent) else ".")
     os.close(fd)
     tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the user's usual mode
     try:
         yield tmp
         os.replace(tmp, p)

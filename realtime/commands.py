@@ -234,7 +234,9 @@ def _live_view(est, meter, engine, labels):
                 else f"[bold green]{labels[int(order[0])]}[/]  confidence {float(e.smoothed[order[0]]):.2f}")
         t.add_row("leader", head, "")
     t.add_row("input", _meter_bar(rms, 40), f"{rms:6.1f} dB")
-    t.add_row("", f"[dim]{engine.stats().line()} | {est.rate_hz:.2f} estimates/s, skipped {est.skipped}[/]", "")
+    c = est.card
+    t.add_row("", f"[dim]{engine.stats().line()} | analysis window {c.window_frames * c.hop_length / c.sr:.1f} s, "
+                  f"{est.rate_hz:.2f} estimates/s, smoothing {est.time_constant_s:g} s, skipped {est.skipped}[/]", "")
     return t
 
 

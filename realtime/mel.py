@@ -24,22 +24,13 @@ N_MELS = 128
 
 # ---- kernels ---------------------------------------------------------------------------------
 @njit(cache=True, nogil=True, fastmath=True)
-def _fft_inplace(re, im, bitrev, tw_re, tw_im):
-    """Complex FFT (forward, unnormalised) of ``re + i im`` in place: radix-2^2 decimation in time.
+def _fft_bitreversed(re, im, tw_re, tw_im):
+    """Radix-2^2 decimation-in-time FFT of input already in bit-reversed order, in place.
 
-    After the bit-reversal permutation, pairs of radix-2 stages run as one pass over the data
-    (one plain radix-2 stage first when log2(n) is odd). ``tw_re + i tw_im`` = exp(-2πi j/n), j < n/2.
+    Pairs of radix-2 stages run as one pass over the data (one plain radix-2 stage first when
+    log2(n) is odd). ``tw_re + i tw_im`` = exp(-2πi j/n), j < n/2.
     """
     n = re.shape[0]
-    for i in range(n):
-        j = bitrev[i]
-        if j > i:
-            t = re[i]
-            re[i] = re[j]
-            re[j] = t
-            t = im[i]
-            im[i] = im[j]
-            im[j] = t
     stages = 0
     t2 = n
     while t2 > 1:
@@ -107,10 +98,11 @@ def _frame_power(ring, pos, window, re, im, bitrev, cos_t, sin_t, post_cos, post
     The ring is written twice (at ``i`` and ``i + n_fft``), so every frame is contiguous.
     """
     m = window.shape[0] >> 1
-    for k in range(m):
-        re[k] = ring[pos + 2 * k] * window[2 * k]
-        im[k] = ring[pos + 2 * k + 1] * window[2 * k + 1]
-    _fft_inplace(re, im, bitrev, cos_t, sin_t)
+    for k in range(m):  # windowed even/odd samples, stored in bit-reversed order for the FFT
+        j = bitrev[k]
+        re[j] = ring[pos + 2 * k] * window[2 * k]
+        im[j] = ring[pos + 2 * k + 1] * window[2 * k + 1]
+    _fft_bitreversed(re, im, cos_t, sin_t)
     for k in range(m + 1):
         k1 = k if k < m else 0
         k2 = (m - k) if k > 0 else 0
@@ -138,18 +130,42 @@ def _mel_frame(power, lo, hi, off, w, out, col):
         out[b, col] = s
 
 
+# Layout of the two state arrays handed to the kernel. Fewer arguments keep numba's per-call
+# dispatch cheap (it unboxes every array argument), which matters at one call per audio block.
+# int64 header: stream state, then offsets of the float64 and int64 tables.
+H_POS, H_NXT, H_HOP, H_USED = 0, 1, 2, 3
+H_F = 4  # H_F + j: start of float table j (j = 0..10, the last is the end)
+F_RING, F_WIN, F_RE, F_IM, F_COS, F_SIN, F_PCOS, F_PSIN, F_POW, F_W = range(10)
+H_I = H_F + 11  # H_I + j: start of int table j (j = 0..4)
+I_BITREV, I_LO, I_HI, I_OFF = range(4)
+HEADER = H_I + 5
+
+
 @njit(cache=True, nogil=True)
-def _mel_stream(x, ring, state, window, re, im, bitrev, cos_t, sin_t, post_cos, post_sin,
-                power, lo, hi, off, w, out):
+def _mel_stream(x, f, ii, out):
     """Push samples ``x``; write each completed frame into ``out[:, k]``; return k.
 
-    state[0] ring write position, state[1] samples until the next frame, state[2] hop length.
-    Stops early (returning the frames made, with state consistent) if ``out`` is full.
+    ``f`` holds the float64 tables and work buffers, ``ii`` the stream state and int tables
+    (layout: the H_/F_/I_ constants). Stops early, with the state consistent, if ``out`` is full.
     """
+    ring = f[ii[H_F + F_RING]:ii[H_F + F_RING + 1]]
+    window = f[ii[H_F + F_WIN]:ii[H_F + F_WIN + 1]]
+    re = f[ii[H_F + F_RE]:ii[H_F + F_RE + 1]]
+    im = f[ii[H_F + F_IM]:ii[H_F + F_IM + 1]]
+    cos_t = f[ii[H_F + F_COS]:ii[H_F + F_COS + 1]]
+    sin_t = f[ii[H_F + F_SIN]:ii[H_F + F_SIN + 1]]
+    post_cos = f[ii[H_F + F_PCOS]:ii[H_F + F_PCOS + 1]]
+    post_sin = f[ii[H_F + F_PSIN]:ii[H_F + F_PSIN + 1]]
+    power = f[ii[H_F + F_POW]:ii[H_F + F_POW + 1]]
+    w = f[ii[H_F + F_W]:ii[H_F + F_W + 1]]
+    bitrev = ii[ii[H_I + I_BITREV]:ii[H_I + I_BITREV + 1]]
+    lo = ii[ii[H_I + I_LO]:ii[H_I + I_LO + 1]]
+    hi = ii[ii[H_I + I_HI]:ii[H_I + I_HI + 1]]
+    off = ii[ii[H_I + I_OFF]:ii[H_I + I_OFF + 1]]
     n_fft = ring.shape[0] >> 1
-    pos = state[0]
-    nxt = state[1]
-    hop = state[2]
+    pos = ii[H_POS]
+    nxt = ii[H_NXT]
+    hop = ii[H_HOP]
     k = 0
     cap = out.shape[1]
     i = 0
@@ -169,10 +185,21 @@ def _mel_stream(x, ring, state, window, re, im, bitrev, cos_t, sin_t, post_cos, 
             nxt = hop
             if k == cap:
                 break
-    state[0] = pos
-    state[1] = nxt
-    state[3] = i  # samples consumed
+    ii[H_POS] = pos
+    ii[H_NXT] = nxt
+    ii[H_USED] = i  # samples consumed
     return k
+
+
+def _pack(tables, dtype, header=0):
+    """Concatenate ``tables`` after ``header`` slots; return (array, start offsets incl. the end)."""
+    starts = [header]
+    for t in tables:
+        starts.append(starts[-1] + len(t))
+    arr = np.zeros(starts[-1], dtype)
+    for t, a in zip(tables, starts):
+        arr[a:a + len(t)] = t
+    return arr, starts
 
 
 # ---- filter bank -----------------------------------------------------------------------------
@@ -259,22 +286,27 @@ class StreamingMel:
         self.fmax = None if fmax is None else check_range("fmax", fmax, self.fmin, self.sr / 2)
         import scipy.signal
 
-        self._window = scipy.signal.get_window("hann", self.n_fft, fftbins=True).astype(np.float64)
+        window = scipy.signal.get_window("hann", self.n_fft, fftbins=True).astype(np.float64)
         m = self.n_fft // 2
         bits = m.bit_length() - 1
-        self._bitrev = np.array([int(format(i, f"0{bits}b")[::-1], 2) if bits else 0 for i in range(m)], np.int64)
-        self._cos = np.cos(2 * np.pi * np.arange(max(1, m // 2)) / m)  # FFT twiddles W_m^j = cos - i sin
-        self._sin = -np.sin(2 * np.pi * np.arange(max(1, m // 2)) / m)
-        self._post_cos = np.cos(2 * np.pi * np.arange(m + 1) / self.n_fft)
-        self._post_sin = np.sin(2 * np.pi * np.arange(m + 1) / self.n_fft)
-        self._lo, self._hi, self._off, self._w = mel_filter_runs(self.sr, self.n_fft, self.n_mels, self.fmin, self.fmax)
-        self._ring = np.zeros(2 * self.n_fft, np.float64)  # each sample at i and i + n_fft
-        self._re = np.zeros(m, np.float64)
-        self._im = np.zeros(m, np.float64)
-        self._power = np.zeros(m + 1, np.float64)
+        bitrev = np.array([int(format(i, f"0{bits}b")[::-1], 2) if bits else 0 for i in range(m)], np.int64)
+        j = np.arange(max(1, m // 2))
+        lo, hi, off, w = mel_filter_runs(self.sr, self.n_fft, self.n_mels, self.fmin, self.fmax)
+        f_tables = [np.zeros(2 * self.n_fft),  # ring: each sample at i and i + n_fft
+                    window, np.zeros(m), np.zeros(m),  # window, FFT work (re, im)
+                    np.cos(2 * np.pi * j / m), -np.sin(2 * np.pi * j / m),  # FFT twiddles W_m^j
+                    np.cos(2 * np.pi * np.arange(m + 1) / self.n_fft),  # real-split twiddles
+                    np.sin(2 * np.pi * np.arange(m + 1) / self.n_fft),
+                    np.zeros(m + 1), w]  # power spectrum, mel weights
+        self._f, fs = _pack(f_tables, np.float64)
+        self._ii, is_ = _pack([bitrev, lo, hi, off], np.int64, header=HEADER)
+        self._ii[H_F:H_F + len(fs)] = fs
+        self._ii[H_I:H_I + len(is_)] = is_
+        self._ring = self._f[fs[F_RING]:fs[F_RING + 1]]
+        self._window = self._f[fs[F_WIN]:fs[F_WIN + 1]]
+        self._w = self._f[fs[F_W]:fs[F_W + 1]]
         self.max_frames = MAX_BLOCK_SAMPLES // self.hop_length + 1
         self._out = np.zeros((self.n_mels, self.max_frames), np.float32)
-        self._state = np.zeros(4, np.int64)
         self.reset()
         self.process(np.zeros(1, np.float32))  # compile (or load cached) kernels now
         self.reset()
@@ -293,9 +325,9 @@ class StreamingMel:
     def reset(self) -> None:
         """Start a new stream: the next frame completes after ``n_fft`` new samples."""
         self._ring[:] = 0.0
-        self._state[0] = 0
-        self._state[1] = self.n_fft
-        self._state[2] = self.hop_length
+        self._ii[H_POS] = 0
+        self._ii[H_NXT] = self.n_fft
+        self._ii[H_HOP] = self.hop_length
         self.frames_out = 0
 
     def process(self, block: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -315,10 +347,8 @@ class StreamingMel:
             an internal buffer, overwritten by the next call.
         """
         dst = self._out if out is None else out
-        k = _mel_stream(block, self._ring, self._state, self._window, self._re, self._im, self._bitrev,
-                        self._cos, self._sin, self._post_cos, self._post_sin, self._power,
-                        self._lo, self._hi, self._off, self._w, dst)
-        consumed = int(self._state[3])
+        k = _mel_stream(block, self._f, self._ii, dst)
+        consumed = int(self._ii[H_USED])
         if consumed < block.shape[0]:  # a block longer than `out` holds: grow (offline use only)
             rest = self.process(block[consumed:])
             res = np.concatenate([dst[:, :k], rest], axis=1)
