@@ -186,6 +186,8 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
         raise BundleError(f"{out_dir} exists; pass --force to overwrite it")
     if work.exists() and not resume and not force:
         raise BundleError(f"{work} holds an earlier run; pass --resume to continue it or --force to start over")
+    if distributed:  # every rank has checked before rank 0 creates anything
+        torch.distributed.barrier()
     if rank == 0:
         if work.exists() and force and not resume:
             shutil.rmtree(work)

@@ -153,7 +153,7 @@ def test_ddp_two_processes(tmp_path, dataset):
            "train", str(dataset), "-o", str(out), "--epochs", "2", "--window-frames", "32", "--batch-size", "8",
            "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--json"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-6000:]
     work = tmp_path / "ddp.train"
     c0 = json.loads((work / "rank0.json").read_text())
     c1 = json.loads((work / "rank1.json").read_text())

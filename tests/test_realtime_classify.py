@@ -76,13 +76,15 @@ def test_classify_formats_rates_channels(bundle, tmp_path):
         "mono.mp3": (y, sr, "MP3"),
     }
     for name, (data, rate, fmt) in variants.items():
-        sf.write(tmp_path / name, data, rate, format=fmt)
+        sf.write(tmp_path / name, data, rate, format=fmt, subtype="FLOAT" if name == "stereo.wav" else None)
         r = classify_file(tmp_path / name, bundle, rate_hz=4, time_constant_s=2, silence_db=-55)
         assert abs(r.windows - ref.windows) <= 1, name
-        if name in ("stereo.wav", "eight.flac"):  # identical samples after the mono mix
+        if name == "stereo.wav":  # float samples, identical after the mono mix
             np.testing.assert_allclose(r.probabilities, ref.probabilities, atol=1e-5)
+        elif name == "eight.flac":  # 16-bit quantisation only
+            np.testing.assert_allclose(r.probabilities, ref.probabilities, atol=2e-3)
         elif name != "r8k.wav":  # 8 kHz loses everything above 4 kHz
-            assert np.abs(r.probabilities - ref.probabilities).max() < 0.15, name
+            assert np.abs(r.probabilities - ref.probabilities).max() < 0.15, (name, r.probabilities, ref.probabilities)
 
 
 def test_short_file_gets_one_padded_window(bundle, tmp_path):
@@ -158,7 +160,15 @@ def test_live_classification_through_jack(jack_probe, bundle):
         np.testing.assert_allclose(a.smoothed, b.smoothed, atol=1e-5)
     # windows before the clip arrived were silent: "listening"
     assert live[0].listening
-    # the leader over the clip equals the offline classification of the clip file
-    loud = [e.probs for e in live if not e.listening]
+    # the leader over the windows that lie inside the clip equals the offline classification of
+    # the clip file (the two frame grids differ by less than a hop)
+    from realtime.jacktools import measure_delay
+
+    c = bundle.card
+    a = measure_delay(clip, recorded)
+    inside = [e.probs for e in live
+              if (e.frame_end - c.window_frames) * c.hop_length >= a
+              and (e.frame_end - 1) * c.hop_length + c.n_fft <= a + clip.size]
+    assert len(inside) >= 50
     ref = classify_file(CLIPS / "demo.ogg", bundle, rate_hz=4, time_constant_s=2, silence_db=-55)
-    assert est.labels[int(np.argmax(np.mean(loud, axis=0)))] == ref.composer
+    assert est.labels[int(np.argmax(np.mean(inside, axis=0)))] == ref.composer
