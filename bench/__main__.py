@@ -46,9 +46,15 @@ def main(argv=None) -> int:
         print(f"callback time with classifier worker: median {r['callback_median_pct']:.2f} %, p99 "
               f"{r['callback_p99_pct']:.2f} %, p99.9 {r['callback_p999_pct']:.2f} %, max {r['callback_max_pct']:.2f} % "
               f"of the block period (target p99.9 ≤ 10 %)")
-        print(f"classifier worker: {r['estimates_per_s']:.2f} estimates/s, {r['worker_cpu_share_of_core'] * 100:.1f} % "
+        print(f"classifier worker: {r['estimates_per_s']:.2f} estimates/s (configured {r['configured_rate_hz']:.2f}), "
+              f"{r['worker_cpu_share_of_core'] * 100:.1f} % "
               f"of one core (target ≤ 10 %), skipped {r['skipped_windows']}")
-    Path(__file__).with_name("results.json").write_text(json.dumps(res, indent=1) + "\n")
+    out = Path(__file__).with_name("results.json")
+    try:  # keep the sections this run did not measure
+        old = json.loads(out.read_text())
+    except (OSError, ValueError):
+        old = {}
+    out.write_text(json.dumps({**old, **res}, indent=1) + "\n")
     return 0
 
 

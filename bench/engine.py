@@ -50,7 +50,6 @@ def run_live(seconds: float = 20.0, block: int = 256) -> dict:
             probe.connect_through()
             clip, sr = sf.read(DEMO_CLIP, dtype="float32")
             sig = np.tile(clip, int(np.ceil(seconds * sr / clip.size)))[: int(seconds * sr)]
-            eng.callbacks_at_start = eng.callbacks
             worker.start()
             t0 = time.monotonic()
             cap = probe.play_and_record(sig, sig.size + 4 * block)
@@ -70,7 +69,9 @@ def run_live(seconds: float = 20.0, block: int = 256) -> dict:
             "callback_p999_pct": st.callback_p999_ms / period * 100,
             "callback_max_pct": st.callback_max_ms / period * 100,
             "callback_median_us": st.callback_median_ms * 1e3, "callback_p999_us": st.callback_p999_ms * 1e3,
-            "estimates": len(est.estimates), "estimates_per_s": len(est.estimates) / wall,
+            "estimates": len(est.estimates),
+            "estimates_per_s": (len(est.estimates) - 1) / (est.estimates[-1].wall_time - est.estimates[0].wall_time),
+            "configured_rate_hz": est.rate_hz,
             "worker_cpu_share_of_core": worker.busy_s / wall, "skipped_windows": est.skipped,
         })
     return out
