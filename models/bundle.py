@@ -35,6 +35,13 @@ PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 KINDS = ("classifier", "generator")
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def tarab_version() -> str:
     try:
         from importlib.metadata import version
@@ -212,9 +219,7 @@ def save_bundle(scripted, card: Card, out_dir, *, force: bool = False, extra_fil
     card = dataclasses.replace(card, torch_version=torch.__version__)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; the bundle gets the user's usual mode
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the bundle gets the user's usual mode
     try:
         model_path = tmp / MODEL_FILE
         with quiet_jit():

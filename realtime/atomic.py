@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from models.bundle import current_umask
 from models.errors import ParameterError, TarabError
 
 __all__ = ["atomic_output", "check_writable"]
@@ -33,12 +34,6 @@ def check_writable(path, force: bool = False) -> Path:
     return p
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 @contextlib.contextmanager
 def atomic_output(path, force: bool = False):
     """Yield a temporary path next to ``path``; on success rename it to ``path``, else delete it.
@@ -56,7 +51,7 @@ def atomic_output(path, force: bool = False):
     fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=p.suffix, dir=p.parent if str(p.parent) else ".")
     os.close(fd)
     tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the user's usual mode
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the user's usual mode
     try:
         yield tmp
         os.replace(tmp, p)

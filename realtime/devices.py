@@ -37,7 +37,11 @@ class AudioDevices(contextlib.AbstractContextManager):
 
         self.pyaudio = pyaudio
         self.pa = pyaudio.PyAudio()
-        self.host_api_index = self._resolve_host_api(host_api)
+        try:
+            self.host_api_index = self._resolve_host_api(host_api)
+        except BaseException:
+            self.close()
+            raise
 
     # ---- listing ------------------------------------------------------------------------
     def host_apis(self) -> list[dict]:

@@ -125,7 +125,6 @@ class AudioEngine:
         # preallocated buffers for the callback
         self._in = np.zeros((self.in_channels, MAX_BLOCK), np.float32)
         self._y = np.zeros((self.in_channels, MAX_BLOCK), np.float32)
-        self._ibuf = np.zeros(MAX_BLOCK * self.out_channels, np.float32)
         self._obuf = np.zeros(MAX_BLOCK * self.out_channels, np.float32)
         self._cb_ns = np.zeros(TIMING_HISTORY, np.int64)
         self._flags = np.zeros(5, np.int64)  # in-underflow, in-overflow, out-underflow, out-overflow, priming

@@ -120,7 +120,7 @@ def test_train_export_and_refusals(tmp_path, dataset, mel):
 
 def test_resume_continues_where_it_stopped(tmp_path, dataset, mel):
     cache = tmp_path / "cache"
-    full = _train(dataset, tmp_path / "full", mel, cache, cfg=dict(epochs=2))
+    _train(dataset, tmp_path / "full", mel, cache, cfg=dict(epochs=2))
     _train(dataset, tmp_path / "part", mel, cache, cfg=dict(epochs=2, time_budget_s=1e-9))  # stops after epoch 1
     hist = json.loads((tmp_path / "part.train" / "history.json").read_text())
     assert len(hist) == 1

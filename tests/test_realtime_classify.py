@@ -1,9 +1,7 @@
 """Classification: offline through the block path, live through the JACK device, and both equal."""
 
 import json
-import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
