@@ -170,3 +170,24 @@ def test_live_classification_through_jack(jack_probe, bundle):
     assert len(inside) >= 50
     ref = classify_file(CLIPS / "demo.ogg", bundle, rate_hz=4, time_constant_s=2, silence_db=-55)
     assert est.labels[int(np.argmax(np.mean(inside, axis=0)))] == ref.composer
+
+
+@pytest.mark.jack
+def test_live_cli_at_another_device_rate(jack_server):
+    """A 48 kHz device: the classifier resamples to the model's 22050 Hz and keeps publishing."""
+    import os
+
+    from realtime.jacktools import dummy_server
+
+    name = f"tarab-48k-{os.getpid()}"
+    with dummy_server(name, sr=48000, period=512):
+        r = run_cli("live", "--sr", "48000", "--block", "512", "--seconds", "7", "--json",
+                    env={"JACK_DEFAULT_SERVER": name})
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    ests = [x for x in lines if "probabilities" in x]
+    end = lines[-1]
+    assert end["event"] == "end" and end["sr"] == 48000 and end["xruns"] == 0
+    assert len(ests) >= 4  # the first window needs 5 s of audio, then ~3.9 per second
+    assert all(x["listening"] for x in ests)  # the dummy device delivers silence
+    assert abs(ests[-1]["time"] - ests[-2]["time"] - 11 * 512 / 22050) < 1e-3
