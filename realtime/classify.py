@@ -54,8 +54,7 @@ class ClassifierUnit(Unit):
     def __init__(self, card, ring_windows: int = 8):
         super().__init__()
         self.card = card
-        self.mel = StreamingMel(sr=card.sr, n_fft=card.n_fft, hop_length=card.hop_length, n_mels=card.n_mels,
-                                fmin=card.fmin, fmax=card.fmax)
+        self.mel = StreamingMel(**card.mel_config())
         card.check_mel_config(**self.mel.config)
         self.ring = Ring(card.n_mels, ring_windows * card.window_frames, guard=self.mel.max_frames)
         self._resampler = None

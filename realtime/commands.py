@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from models.errors import ParameterError
-
 import numpy as np
+
+from models.errors import ParameterError
 
 from . import mel as _mel
 
@@ -64,8 +64,7 @@ def cmd_evaluate(args) -> int:
     from .classify import load_classifier
 
     bundle = load_classifier(args.model)
-    c = bundle.card
-    sm = _mel.StreamingMel(sr=c.sr, n_fft=c.n_fft, hop_length=c.hop_length, n_mels=c.n_mels, fmin=c.fmin, fmax=c.fmax)
+    sm = _mel.StreamingMel(**bundle.card.mel_config())
     res = evaluate_bundle(bundle, args.data_dir, featurizer=sm.transform, mel_config=sm.config,
                           cache_dir=args.cache_dir, split=args.split, progress=not args.json)
     if args.plots:
