@@ -20,6 +20,7 @@ from .engine import DEFAULT_BLOCK, DEFAULT_SR
 log = logging.getLogger("tarab")
 
 EXIT_ERROR = 2
+DISPLAY_RECENT = 4096  # callbacks the live status line's percentiles cover (≈ 48 s at 256/22050)
 EXIT_SERVER_LOST = 3
 EXIT_CODES = {"duration": 0, "stopped": 0, "interrupted": 130, "terminated": 143, "server-lost": EXIT_SERVER_LOST}
 
@@ -128,7 +129,7 @@ def cmd_monitor(args) -> int:
                 if next(ticks) % 5 == 0:  # 2 lines a second at the default 10 ticks/s
                     peak, rms = meter.read_and_clear()
                     print(json.dumps({"event": "level", "peak_db": _num(peak), "rms_db": _num(rms),
-                                      "xruns": eng.stats().xruns, "callbacks": eng.callbacks}), flush=True)
+                                      "xruns": eng.xruns, "callbacks": eng.callbacks}), flush=True)
             reason = engine.run(args.seconds, on_tick=tick)
         else:
             from rich.live import Live
@@ -138,7 +139,7 @@ def cmd_monitor(args) -> int:
                 peak, rms = meter.read_and_clear()
                 t = Text()
                 t.append(f"in  {_meter_bar(rms)} rms {rms:6.1f} dB  peak {peak:6.1f} dB\n")
-                t.append(eng.stats().line(), style="dim")
+                t.append(eng.stats(recent=DISPLAY_RECENT).line(), style="dim")
                 return t
 
             with Live(render(engine), refresh_per_second=10, transient=False) as live:

@@ -192,7 +192,7 @@ def cmd_live(args) -> int:
         if args.json:
             def emit(e):
                 d = e.as_dict(labels)
-                d["xruns"] = engine.stats().xruns
+                d["xruns"] = engine.xruns
                 print(json.dumps(d), flush=True)
             worker = ClassifierWorker(est, on_estimate=emit)
             worker.start()
@@ -213,7 +213,7 @@ def cmd_live(args) -> int:
 def _live_view(est, meter, engine, labels):
     from rich.table import Table
 
-    from .cli import _meter_bar
+    from .cli import DISPLAY_RECENT, _meter_bar
 
     e = est.latest
     peak, rms = meter.read_and_clear()
@@ -234,7 +234,7 @@ def _live_view(est, meter, engine, labels):
         t.add_row("leader", head, "")
     t.add_row("input", _meter_bar(rms, 40), f"{rms:6.1f} dB")
     c = est.card
-    t.add_row("", f"[dim]{engine.stats().line()} | analysis window {c.window_frames * c.hop_length / c.sr:.1f} s, "
+    t.add_row("", f"[dim]{engine.stats(recent=DISPLAY_RECENT).line()} | analysis window {c.window_frames * c.hop_length / c.sr:.1f} s, "
                   f"{est.rate_hz:.2f} estimates/s, smoothing {est.time_constant_s:g} s, skipped {est.skipped}[/]", "")
     return t
 

@@ -316,13 +316,24 @@ class AudioEngine:
         return self.stop_reason or "stopped"
 
     # ---- reporting ----------------------------------------------------------------------
-    def callback_times_ms(self) -> np.ndarray:
-        """Durations of the most recent callbacks [ms] (up to 65536)."""
+    @property
+    def xruns(self) -> int:
+        """Xruns so far (cheap: for per-update displays; :meth:`stats` computes percentiles)."""
+        return int(self._flags[:4].sum())
+
+    def callback_times_ms(self, recent: int | None = None) -> np.ndarray:
+        """Durations of the most recent callbacks [ms] (all kept, up to 65536, or the last ``recent``)."""
         n = min(self.callbacks, TIMING_HISTORY)
+        if recent is not None and recent < n:
+            end = self.callbacks % TIMING_HISTORY
+            idx = np.arange(end - recent, end) % TIMING_HISTORY
+            return self._cb_ns[idx].astype(np.float64) / 1e6
         return self._cb_ns[:n].astype(np.float64) / 1e6
 
-    def stats(self) -> EngineStats:
-        t = self.callback_times_ms()
+    def stats(self, recent: int | None = None) -> EngineStats:
+        """Counters, latencies and callback-time percentiles (over the last ``recent`` callbacks
+        if given: cheaper, for displays that refresh several times a second)."""
+        t = self.callback_times_ms(recent)
         q = np.percentile(t, [50, 99, 99.9]) if t.size else np.zeros(3)
         inl = self.stream.get_input_latency() * 1e3 if self.stream else 0.0
         outl = self.stream.get_output_latency() * 1e3 if self.stream else 0.0
