@@ -125,3 +125,12 @@ def test_server_disappearing_stops_engine():
         if jackd.poll() is None:
             jackd.terminate()
             jackd.wait(10)
+
+
+@pytest.mark.parametrize("cmd,expect", [("monitor", "rms"), ("live", "warming up")])
+def test_rich_displays_render(jack_server, cmd, expect):
+    """The human displays (rich Live) start, render and end cleanly without a terminal."""
+    r = run_cli(cmd, "--seconds", "1.5")
+    assert r.returncode == 0, r.stderr
+    assert expect in r.stdout and "xruns 0" in r.stdout.replace("\n", " ")
+    _no_traceback(r.stderr)
