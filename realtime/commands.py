@@ -89,6 +89,23 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_presets(args) -> int:
+    from .presets import load_preset, shipped_presets
+
+    rows = []
+    for path in shipped_presets():
+        pr = load_preset(path)
+        rows.append({"name": pr.name, "description": pr.description, "path": str(path),
+                     "fx": [spec["plugin"] for spec in pr.fx]})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        width = max((len(r["name"]) for r in rows), default=0)
+        for r in rows:
+            print(f"{r['name']:<{width}}  {r['description']}  [{' → '.join(r['fx']) or 'no FX'}]")
+    return 0
+
+
 def register(sub) -> None:
     """Add this module's subcommands to the ``tarab`` parser."""
     s = sub.add_parser("train", help="train a composer classifier and export a bundle")
@@ -114,6 +131,10 @@ def register(sub) -> None:
     s.set_defaults(func=cmd_train)
     _register_classify(sub)
     _register_demo(sub)
+
+    s = sub.add_parser("presets", help="list the shipped presets (validated) with a one-line description")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_presets)
 
     s = sub.add_parser("evaluate", help="evaluate a classifier bundle on the test pieces of its split")
     s.add_argument("data_dir", type=Path, help="the folder-per-composer data set")
