@@ -27,15 +27,49 @@ EXIT_CODES = {"duration": 0, "stopped": 0, "interrupted": 130, "terminated": 143
 
 # ---- shared argument groups ------------------------------------------------------------------
 def add_audio_args(p: argparse.ArgumentParser, *, output: bool = True) -> None:
-    g = p.add_argument_group("audio device")
+    g = p.add_argument_group("audio device (command line > --preset > defaults)")
     g.add_argument("--input", "-i", metavar="DEVICE", help="input device index or name (default: JACK's, else the system default)")
     if output:
         g.add_argument("--output", metavar="DEVICE", help="output device index or name")
     g.add_argument("--host-api", metavar="API", help="restrict to a host API, e.g. jack or alsa")
-    g.add_argument("--sr", type=int, default=DEFAULT_SR, help=f"sample rate [Hz] (default {DEFAULT_SR})")
-    g.add_argument("--block", type=int, default=DEFAULT_BLOCK, help=f"block size [samples] (default {DEFAULT_BLOCK})")
-    g.add_argument("--channels", type=int, default=1, help="channels in and out (default 1)")
+    g.add_argument("--sr", type=int, default=None, help=f"sample rate [Hz] (default {DEFAULT_SR})")
+    g.add_argument("--block", type=int, default=None, help=f"block size [samples] (default {DEFAULT_BLOCK})")
+    g.add_argument("--channels", type=int, default=None, help="channels in and out (default 1)")
     g.add_argument("--seconds", type=float, default=None, help="stop after this many seconds (default: run until Ctrl-C)")
+    add_preset_arg(p)
+
+
+def add_preset_arg(p: argparse.ArgumentParser) -> None:
+    if not any("--preset" in a.option_strings for a in p._actions):
+        p.add_argument("--preset", metavar="P", help="a shipped preset name or a TOML file (see `tarab presets`)")
+
+
+# argparse dest -> (preset section, key, default when neither the command line nor the preset sets it)
+SETTINGS = {
+    "sr": ("engine", "sr", DEFAULT_SR), "block": ("engine", "block_size", DEFAULT_BLOCK),
+    "channels": ("engine", "channels", 1), "input": ("engine", "input", None),
+    "output": ("engine", "output", None), "host_api": ("engine", "host_api", None),
+    "rate": ("classifier", "rate_hz", None), "smoothing": ("classifier", "smoothing_s", None),
+    "silence_db": ("classifier", "silence_db", None), "model": ("classifier", "model", None),
+}
+
+
+def resolve_settings(args, defaults: dict | None = None) -> None:
+    """Fill every setting the command line left unset from ``--preset``, then from the defaults."""
+    from .presets import load_preset
+
+    preset = load_preset(args.preset) if getattr(args, "preset", None) else None
+    for dest, (section, key, default) in SETTINGS.items():
+        if not hasattr(args, dest) or getattr(args, dest) is not None:
+            continue
+        value = getattr(preset, section).get(key) if preset is not None else None
+        if value is None:
+            value = (defaults or {}).get(dest, default)
+        if dest == "model" and value is not None:
+            from pathlib import Path
+
+            value = Path(value)
+        setattr(args, dest, value)
 
 
 def _engine_from_args(unit, args):
@@ -118,6 +152,7 @@ def _meter_bar(db: float, width: int = 40) -> str:
 def cmd_monitor(args) -> int:
     from .units import LevelMeter
 
+    resolve_settings(args)
     meter = LevelMeter()
     engine = _engine_from_args(meter, args)
     engine.start()

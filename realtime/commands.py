@@ -149,14 +149,24 @@ def register(sub) -> None:
 # ---- classify / live ---------------------------------------------------------------------------
 def add_classifier_args(p: argparse.ArgumentParser) -> None:
     from .classify import DEFAULT_RATE_HZ, DEFAULT_SILENCE_DB, DEFAULT_TIME_CONSTANT_S
+    from .cli import add_preset_arg
 
     p.add_argument("--model", type=Path, default=None, help="classifier bundle (default: the shipped one)")
-    p.add_argument("--rate", type=float, default=DEFAULT_RATE_HZ, help=f"estimates per second (default {DEFAULT_RATE_HZ})")
-    p.add_argument("--smoothing", type=float, default=DEFAULT_TIME_CONSTANT_S,
+    p.add_argument("--rate", type=float, default=None, help=f"estimates per second (default {DEFAULT_RATE_HZ})")
+    p.add_argument("--smoothing", type=float, default=None,
                    help=f"smoothing time constant [s] (default {DEFAULT_TIME_CONSTANT_S})")
-    p.add_argument("--silence-db", type=float, default=DEFAULT_SILENCE_DB,
+    p.add_argument("--silence-db", type=float, default=None,
                    help=f"below this input level show 'listening' (default {DEFAULT_SILENCE_DB} dBFS)")
     p.add_argument("--json", action="store_true", help="JSON output (one object per line)")
+    add_preset_arg(p)
+
+
+def _resolve_classifier_settings(args) -> None:
+    from .classify import DEFAULT_RATE_HZ, DEFAULT_SILENCE_DB, DEFAULT_TIME_CONSTANT_S
+    from .cli import resolve_settings
+
+    resolve_settings(args, {"rate": DEFAULT_RATE_HZ, "smoothing": DEFAULT_TIME_CONSTANT_S,
+                            "silence_db": DEFAULT_SILENCE_DB})
 
 
 def cmd_classify(args) -> int:
@@ -166,6 +176,7 @@ def cmd_classify(args) -> int:
     from .classify import load_classifier
     from .offline import classify_file
 
+    _resolve_classifier_settings(args)
     bundle = load_classifier(args.model)
     if args.timeline is not None:
         if len(args.files) > 1 and "{stem}" not in str(args.timeline):
@@ -202,6 +213,7 @@ def cmd_live(args) -> int:
     from .cli import _engine_from_args, finish_run
     from .units import Chain, LevelMeter
 
+    _resolve_classifier_settings(args)
     bundle = load_classifier(args.model)
     unit = ClassifierUnit(bundle.card)
     meter = LevelMeter()

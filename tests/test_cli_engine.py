@@ -134,3 +134,20 @@ def test_rich_displays_render(jack_server, cmd, expect):
     assert r.returncode == 0, r.stderr
     assert expect in r.stdout and "xruns 0" in r.stdout.replace("\n", " ")
     _no_traceback(r.stderr)
+
+
+def test_preset_sets_engine_and_classifier_and_cli_overrides(jack_server, tmp_path):
+    r = run_cli("live", "--preset", "studio-dry", "--seconds", "6.5", "--json")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    ests = [x for x in lines if "probabilities" in x]
+    assert lines[-1]["block_size"] == 128  # [engine] block_size = 128
+    step = ests[-1]["frame_end"] - ests[-2]["frame_end"]
+    assert step == 5  # [classifier] rate_hz = 8 → every 5 mel frames
+    r = run_cli("monitor", "--preset", "studio-dry", "--block", "512", "--seconds", "1", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[-1])["block_size"] == 512
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[engine]\nblock_size = 3\n")
+    r = run_cli("monitor", "--preset", bad, "--seconds", "1")
+    assert r.returncode == 2 and "block_size: 3 is out of range" in r.stderr and str(bad) in r.stderr
+    _no_traceback(r.stderr)
