@@ -125,6 +125,11 @@ def test_server_disappearing_stops_engine():
         if jackd.poll() is None:
             jackd.terminate()
             jackd.wait(10)
+        # the abandoned client's semaphore outlives both processes: remove it
+        import glob
+
+        for f in glob.glob(f"/dev/shm/jack_sem.*_{name}_*"):
+            os.unlink(f)
 
 
 @pytest.mark.parametrize("cmd,expect", [("monitor", "rms"), ("live", "warming up")])
