@@ -48,6 +48,25 @@ def _fft_bitreversed(re, im, tw_re, tw_im):
             re[s + 1] = ar - br
             im[s + 1] = ai - bi
         h = 2
+    if h == 1 and n >= 4:  # first merged pass: every twiddle is 1 (and -i), additions only
+        for s in range(0, n, 4):
+            ar = re[s] + re[s + 1]
+            ai = im[s] + im[s + 1]
+            br = re[s] - re[s + 1]
+            bi = im[s] - im[s + 1]
+            cr = re[s + 2] + re[s + 3]
+            ci = im[s + 2] + im[s + 3]
+            dr = re[s + 2] - re[s + 3]
+            di = im[s + 2] - im[s + 3]
+            re[s] = ar + cr
+            im[s] = ai + ci
+            re[s + 2] = ar - cr
+            im[s + 2] = ai - ci
+            re[s + 1] = br + di
+            im[s + 1] = bi - dr
+            re[s + 3] = br - di
+            im[s + 3] = bi + dr
+        h = 4
     while h < n:
         q = 4 * h
         s1 = n // (2 * h)  # W_{2h}^k = W_n^(k s1)
