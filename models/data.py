@@ -22,7 +22,7 @@ from .errors import DataError, ParameterError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Item", "scan_dataset", "split_pieces", "load_audio", "FeatureCache", "WindowSet",
+__all__ = ["Item", "scan_dataset", "split_pieces", "open_audio", "load_audio", "FeatureCache", "WindowSet",
            "Augmenter", "AUDIO_EXTENSIONS", "log_mel", "AMIN_DB"]
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".oga", ".opus")
@@ -120,22 +120,49 @@ def split_pieces(items, seed: int = 0, val_frac: float = 0.15, test_frac: float 
     return out
 
 
+def open_audio(path):
+    """Open an audio file with soundfile for reading (whole or in blocks).
+
+    Raises
+    ------
+    DataError
+        Missing, unreadable (not audio, truncated header, unsupported), channel-less or empty file.
+    """
+    import soundfile as sf
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such file")
+    try:
+        f = sf.SoundFile(str(p))
+    except (sf.LibsndfileError, RuntimeError, OSError, TypeError, ValueError) as e:
+        msg = str(e).split(": ", 1)[-1] if str(e) else type(e).__name__
+        raise DataError(f"{p}: not a readable audio file ({msg})") from None
+    if f.channels < 1:
+        f.close()
+        raise DataError(f"{p}: has no audio channels")
+    if f.frames == 0:
+        f.close()
+        raise DataError(f"{p}: contains no audio samples")
+    return f
+
+
 def load_audio(path, sr: int) -> np.ndarray:
     """Read an audio file as mono float32 at ``sr`` (soundfile, then soxr if the rate differs).
 
     Raises
     ------
     DataError
-        Unreadable, empty, non-finite or channel-less audio.
+        As :func:`open_audio`, plus read errors and NaN/Inf samples.
     """
     import soundfile as sf
 
-    try:
-        y, file_sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, OSError, TypeError, ValueError) as e:
-        raise DataError(f"{path}: cannot read audio ({e})") from None
-    if y.shape[0] == 0 or y.shape[1] == 0:
-        raise DataError(f"{path}: no audio samples")
+    with open_audio(path) as f:
+        file_sr = f.samplerate
+        try:
+            y = f.read(dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as e:
+            raise DataError(f"{path}: read error ({e})") from None
     if not np.isfinite(y).all():
         raise DataError(f"{path}: audio has NaN or Inf samples")
     y = y.mean(axis=1) if y.shape[1] > 1 else y[:, 0]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from models.data import open_audio
 from models.errors import DataError
 
 from .classify import ClassifierUnit, Estimator
@@ -17,27 +17,6 @@ log = logging.getLogger(__name__)
 __all__ = ["read_blocks", "classify_file", "FileResult", "OFFLINE_BLOCK"]
 
 OFFLINE_BLOCK = 4096
-
-
-def open_audio(path):
-    """Open an audio file for block reading; DataError for anything unreadable or unusable."""
-    import soundfile as sf
-
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: no such file")
-    try:
-        f = sf.SoundFile(str(p))
-    except (sf.LibsndfileError, RuntimeError, OSError, TypeError, ValueError) as e:
-        msg = str(e).split(": ", 1)[-1] if str(e) else type(e).__name__
-        raise DataError(f"{p}: not a readable audio file ({msg})") from None
-    if f.channels < 1:
-        f.close()
-        raise DataError(f"{p}: has no audio channels")
-    if f.frames == 0:
-        f.close()
-        raise DataError(f"{p}: contains no audio samples")
-    return f
 
 
 def read_blocks(path, block_size: int = OFFLINE_BLOCK):

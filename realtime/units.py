@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from models.errors import ParameterError, check_range
+from models.errors import check_range
 
 __all__ = ["Unit", "Chain", "PassThrough", "LevelMeter", "Recorder", "MIN_BLOCK", "MAX_BLOCK"]
 
@@ -228,11 +228,3 @@ class Recorder(PassThrough):
     def reset(self):
         if self.ring is not None:
             self.ring.reset()
-
-
-def validate_block(block, channels: int) -> None:
-    """Debug-time check of a block's dtype and shape (not called on the real-time path)."""
-    if not isinstance(block, np.ndarray) or block.dtype != np.float32 or block.ndim != 2:
-        raise ParameterError(f"block: expected float32 array of shape (channels, n), got {getattr(block, 'dtype', type(block))} {getattr(block, 'shape', '')}")
-    if block.shape[0] != channels:
-        raise ParameterError(f"block: expected {channels} channel(s), got {block.shape[0]}")
