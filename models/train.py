@@ -104,7 +104,7 @@ def macro_f1(y_true, y_pred, n):
 
 
 def evaluate_windows(predict, wset: WindowSet, batch_size: int = 64) -> dict:
-    """Window/piece accuracy, macro F1, per-class recall and confusion matrix.
+    """Window/piece accuracy, cross-entropy (``log_loss``), macro F1, per-class recall, confusion matrix.
 
     Parameters
     ----------
@@ -137,6 +137,7 @@ def evaluate_windows(predict, wset: WindowSet, batch_size: int = 64) -> dict:
                           "windows": int(m.sum()), "pieces": int(pm.sum())}
     return {
         "window_accuracy": float((pred == y).mean()) if len(y) else 0.0,
+        "log_loss": float(-np.log(np.maximum(probs[np.arange(len(y)), y], 1e-12)).mean()) if len(y) else 0.0,
         "piece_accuracy": float((p_pred == p_true).mean()) if len(p_true) else 0.0,
         "macro_f1": macro_f1(y, pred, n),
         "piece_macro_f1": macro_f1(p_true, p_pred, n),
@@ -314,13 +315,7 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
                 torch.distributed.broadcast(buf, 0)
         net.eval()
         val = evaluate_windows(predict_logmel, wval)
-        with torch.no_grad():
-            vl = []
-            for a in range(0, len(wval), 64):
-                xb = np.stack([wval.window(j) for j in range(a, min(a + 64, len(wval)))])
-                logits = net(torch.from_numpy((xb - mean_n) / std_n).float().unsqueeze(1))
-                vl.append(float(F.cross_entropy(logits, torch.from_numpy(wval.y[a:a + len(xb)]), reduction="sum")))
-            val_loss = sum(vl) / len(wval)
+        val_loss = val["log_loss"]
         state["epoch"] = epoch + 1
         state["train_seconds"] = time.time() - t_train0
         rec = {"epoch": epoch + 1, "train_loss": tot / max(n_seen, 1), "val_loss": val_loss,

@@ -55,7 +55,6 @@ class ClassifierUnit(Unit):
         super().__init__()
         self.card = card
         self.mel = StreamingMel(**card.mel_config())
-        card.check_mel_config(**self.mel.config)
         self.ring = Ring(card.n_mels, ring_windows * card.window_frames, guard=self.mel.max_frames)
         self._resampler = None
 
@@ -82,23 +81,21 @@ class ClassifierUnit(Unit):
             np.mean(block, axis=0, out=mono)
         if self._resampler is not None:
             mono = self._resampler.resample_chunk(mono)
-            if mono.size > MAX_BLOCK_SAMPLES:  # huge upsampling ratios: split
-                for a in range(0, mono.size, MAX_BLOCK_SAMPLES):
-                    self.ring.write(self.mel.process(mono[a:a + MAX_BLOCK_SAMPLES], out=self._frames))
-                mono = mono[:0]
-        if mono.size:
-            self.ring.write(self.mel.process(mono, out=self._frames))
+        self._push(mono)
         if out is None:
             return block
         out[:, :n] = block
         return out[:, :n]
 
+    def _push(self, mono) -> None:
+        """Mel frames of ``mono`` into the ring, in chunks the preallocated frame buffer holds."""
+        for a in range(0, mono.size, MAX_BLOCK_SAMPLES):
+            self.ring.write(self.mel.process(mono[a:a + MAX_BLOCK_SAMPLES], out=self._frames))
+
     def flush(self) -> None:
         """Push out what the resampler still holds (end of a file)."""
         if self._resampler is not None:
-            tail = self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
-            for a in range(0, tail.size, MAX_BLOCK_SAMPLES):
-                self.ring.write(self.mel.process(tail[a:a + MAX_BLOCK_SAMPLES], out=self._frames))
+            self._push(self._resampler.resample_chunk(np.zeros(0, np.float32), last=True))
 
     def reset(self):
         self.mel.reset()

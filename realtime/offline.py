@@ -76,19 +76,22 @@ def classify_file(path, bundle, *, rate_hz: float, time_constant_s: float, silen
     mel_cols = []
     n = 0
     sr = None
+
+    def run(step, *a):  # one step of the unit, keeping the mel frames it made for the plot
+        w0 = unit.ring.written
+        step(*a)
+        if keep_mel and unit.ring.written > w0:
+            mel_cols.append(_ring_tail(unit.ring, unit.ring.written - w0))
+        est.poll()
+
     for sr_, block in read_blocks(path, block_size):
         if est is None:
             sr = sr_
             unit.prepare(sr, block_size, block.shape[0])
             est = Estimator(bundle, unit, rate_hz, time_constant_s, silence_db)
-        w0 = unit.ring.written
-        unit.process(block)
-        if keep_mel and unit.ring.written > w0:
-            mel_cols.append(_ring_tail(unit.ring, unit.ring.written - w0))
-        est.poll()
+        run(unit.process, block)
         n += block.shape[1]
-    unit.flush()
-    est.poll()
+    run(unit.flush)  # the resampler's tail
     est.finish()
     mel = np.concatenate(mel_cols, axis=1) if mel_cols else None
     return FileResult(str(path), list(bundle.card.labels), est.mean_probs(), est, n / sr, mel)
