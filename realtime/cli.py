@@ -203,9 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON lines instead of the live display")
     s.set_defaults(func=cmd_monitor)
 
-    from . import commands
+    from . import commands, gencommands
 
     commands.register(sub)
+    gencommands.register(sub)
     return p
 
 

@@ -61,3 +61,27 @@ def run_cli(*args, env=None, timeout=300, input=None):
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """A synthetic 3-'composer' data set with a tiny classifier and a tiny generator trained on it.
+
+    Returns (data_dir, classifier_bundle_dir, generator_bundle_dir). Seconds to make.
+    """
+    from synth import make_dataset
+
+    from models.generator import GenConfig, train_generator
+    from models.train import TrainConfig, train
+    from realtime.mel import StreamingMel
+
+    root = tmp_path_factory.mktemp("tiny")
+    data = make_dataset(root / "data", pieces=4, seconds=6.0)
+    sm = StreamingMel()
+    common = dict(featurizer=sm.transform, mel_config=sm.config, cache_dir=root / "cache", progress=False)
+    train(data, root / "classifier", config=TrainConfig(epochs=4, batch_size=8, window_frames=32, train_hop_frames=8,
+                                                        eval_hop_frames=16, val_frac=0.25, test_frac=0.25), **common)
+    train_generator(data, root / "generator", config=GenConfig(frames=16, hop_frames=4, latent=8, cond=4, channels=32,
+                                                              epochs=4, batch_size=8, val_frac=0.25, test_frac=0.25),
+                    **common)
+    return data, root / "classifier", root / "generator"

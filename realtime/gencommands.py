@@ -1,0 +1,124 @@
+"""Generation subcommands: ``generate``, ``train-generator``, ``evaluate-generation``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from models.errors import ParameterError
+
+
+def cmd_generate(args) -> int:
+    from .audiofile import check_audio_path, write_audio
+    from .generate import StyleSynth, load_generator
+
+    bundle = load_generator(args.model)
+    synth = StyleSynth(bundle, n_iter=args.iterations)
+    if args.list:
+        for lab in synth.labels:
+            print(lab)
+        return 0
+    if args.composer is None or args.output is None:
+        raise ParameterError("give --composer and -o/--output (or --list)")
+    synth.composer_index(args.composer)
+    if args.to is not None:
+        synth.composer_index(args.to)
+    if args.mix != 0.0 and args.to is None:
+        raise ParameterError("--mix needs --to (the composer to mix toward)")
+    if not args.seconds > 0 or args.seconds > 3600:
+        raise ParameterError(f"--seconds must be in (0, 3600], got {args.seconds}")
+    synth.set_target(args.composer, args.to, args.mix, args.temperature)
+    out = check_audio_path(args.output, args.force)
+    synth.start(args.seed)
+    y = synth.render(int(round(args.seconds * synth.sr)), progress=not args.json)
+    write_audio(out, y, synth.sr, force=args.force)
+    summary = {"output": str(out), "composer": args.composer, "to": args.to, "mix": args.mix,
+               "temperature": args.temperature, "seed": args.seed, "seconds": round(len(y) / synth.sr, 3),
+               "sr": synth.sr, "peak": round(float(abs(y).max()), 4)}
+    print(json.dumps(summary) if args.json else
+          f"wrote {out}: {summary['seconds']} s of {args.composer}"
+          + (f" → {args.to} (mix {args.mix})" if args.to else "") + f", seed {args.seed}")
+    return 0
+
+
+def cmd_train_generator(args) -> int:
+    import torch
+
+    from models.generator import GenConfig, train_generator
+
+    from .commands import _featurizer
+
+    cfg = GenConfig(epochs=args.epochs, seed=args.seed, max_train_windows=args.max_train_windows,
+                    time_budget_s=args.time_budget * 60.0, threads=args.threads)
+    cfg.validate()
+    torch.set_num_threads(args.threads)
+    featurize, mel_config = _featurizer(args)
+    r = train_generator(args.data_dir, args.output, featurizer=featurize, mel_config=mel_config, config=cfg,
+                        cache_dir=args.cache_dir, resume=args.resume, force=args.force, progress=not args.json)
+    summary = {"bundle": r["bundle"], "test_mse": r["test"]["mse"], "test_kl": r["test"]["kl"], "params": r["params"],
+               "epochs_run": r["epochs_run"], "best_epoch": r["best_epoch"],
+               "train_minutes": round(r["train_seconds"] / 60, 2)}
+    print(json.dumps(summary) if args.json else
+          f"bundle {r['bundle']}: test reconstruction MSE {r['test']['mse']:.3f} (normalised), KL {r['test']['kl']:.1f}; "
+          f"{r['params']} parameters, {r['epochs_run']} epochs in {r['train_seconds'] / 60:.1f} min")
+    return 0
+
+
+def cmd_evaluate_generation(args) -> int:
+    from .gen_eval import evaluate_generation, print_report
+
+    res = evaluate_generation(args.data_dir, generator=args.model, classifier=args.classifier, clips=args.clips,
+                              seconds=args.seconds, cache_dir=args.cache_dir, plots=args.plots,
+                              progress=not args.json)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print_report(res, sys.stdout)
+    return 0
+
+
+def register(sub) -> None:
+    from .commands import add_mel_args
+
+    s = sub.add_parser("generate", help="generate audio in a composer's style (optionally morphing to another)")
+    s.add_argument("--composer", help="composer to generate (see --list)")
+    s.add_argument("--to", default=None, help="second composer to morph toward")
+    s.add_argument("--mix", type=float, default=0.0, help="0 = --composer, 1 = --to (default 0)")
+    s.add_argument("--seconds", type=float, default=10.0, help="length [s] (default 10)")
+    s.add_argument("--temperature", type=float, default=1.0, help="latent spread: 0 = the composer's centre (default 1)")
+    s.add_argument("--seed", type=int, default=0, help="same seed, same audio (default 0)")
+    s.add_argument("--iterations", type=int, default=16, help="fast Griffin-Lim iterations per block (default 16)")
+    s.add_argument("-o", "--output", type=Path, default=None, help="audio file (.wav .flac .ogg .aiff .mp3)")
+    s.add_argument("--model", type=Path, default=None, help="generator bundle (default: the shipped one)")
+    s.add_argument("--force", action="store_true", help="overwrite OUTPUT")
+    s.add_argument("--list", action="store_true", help="print the composers the bundle knows")
+    s.add_argument("--json", action="store_true", help="print a JSON summary; no progress bar")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("train-generator", help="train the composer-style generator and export a bundle")
+    s.add_argument("data_dir", type=Path, help="folder with one sub-folder of audio files per composer")
+    s.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to create")
+    s.add_argument("--epochs", type=int, default=36)
+    s.add_argument("--seed", type=int, default=0, help="also the piece split's seed (keep the classifier's)")
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--max-train-windows", type=int, default=16000, help="windows per epoch (0 = all)")
+    s.add_argument("--time-budget", type=float, default=0.0, help="stop after the epoch that passes this many minutes")
+    s.add_argument("--cache-dir", type=Path, default=None)
+    s.add_argument("--resume", action="store_true")
+    s.add_argument("--force", action="store_true")
+    s.add_argument("--json", action="store_true")
+    add_mel_args(s)
+    s.set_defaults(func=cmd_train_generator)
+
+    s = sub.add_parser("evaluate-generation", help="style accuracy, realism, reconstruction, novelty, morph")
+    s.add_argument("data_dir", type=Path, nargs="?", default=None,
+                   help="the corpus (default ../shared/corpus/symbtr8 if present)")
+    s.add_argument("--model", type=Path, default=None, help="generator bundle (default: the shipped one)")
+    s.add_argument("--classifier", type=Path, default=None, help="classifier bundle (default: the shipped one)")
+    s.add_argument("--clips", type=int, default=10, help="clips per composer (default 10)")
+    s.add_argument("--seconds", type=float, default=10.0, help="clip length [s] (default 10)")
+    s.add_argument("--plots", type=Path, default=None, help="write example spectrogram PNGs here")
+    s.add_argument("--cache-dir", type=Path, default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_evaluate_generation)

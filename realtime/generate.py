@@ -1,0 +1,313 @@
+"""Composer-style audio from the generator bundle: offline (:class:`StyleSynth`) and live (:class:`Generator`).
+
+Latent → audio, one step per half window:
+
+1. The latent walks an AR(1) path ``z_k = ρ z_{k-1} + √(1-ρ²) ε_k`` (stationary N(0, 1), scaled by
+   the temperature), the composer embedding is ``slerp(e_A, e_B, mix)``.
+2. The TorchScript decoder turns ``(z_k, cond)`` into a log-mel window (``W`` frames); windows
+   start every ``W/2`` frames and are crossfaded with a periodic Hann (weights sum to 1).
+3. Mel power → linear magnitude through the pseudo-inverse of the mel filter bank (clipped ≥ 0).
+4. :class:`~realtime.phase.PhaseReconstructor` (numba fast Griffin-Lim, block-online) → samples.
+
+:class:`Generator` runs these steps in a worker thread, ahead of time, into a ring; its
+:meth:`Generator.render` only copies from the ring, so the audio thread never waits for the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+
+from models.bundle import Bundle, load_bundle
+from models.errors import ParameterError, check_range
+
+from .phase import PhaseReconstructor
+from .ring import Ring
+
+log = logging.getLogger(__name__)
+
+__all__ = ["load_generator", "StyleSynth", "Generator", "DEFAULT_RHO"]
+
+DEFAULT_RHO = 0.8  # latent correlation between successive half windows (≈ 0.74 s apart)
+
+
+def load_generator(path=None) -> Bundle:
+    """Load the generator bundle at ``path`` (default: the shipped one)."""
+    return load_bundle(path, kind="generator")
+
+
+def _slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    ua, ub = a / max(na, 1e-8), b / max(nb, 1e-8)
+    om = float(np.arccos(np.clip(ua @ ub, -1 + 1e-7, 1 - 1e-7)))
+    u = (np.sin((1 - t) * om) * ua + np.sin(t * om) * ub) / np.sin(om)
+    return (u * ((1 - t) * na + t * nb)).astype(np.float32)
+
+
+class StyleSynth:
+    """Latent → audio, step by step (one thread at a time).
+
+    Parameters
+    ----------
+    bundle : Bundle
+        A generator bundle (:func:`load_generator`).
+    n_iter, momentum, lookahead :
+        Phase reconstruction settings (:class:`~realtime.phase.PhaseReconstructor`).
+    rho : float in [0, 1)
+        Correlation of successive latents: higher = slower change.
+    """
+
+    def __init__(self, bundle: Bundle, *, n_iter: int = 16, momentum: float = 0.99, lookahead: int = 4,
+                 rho: float = DEFAULT_RHO):
+        import librosa
+        import torch
+
+        self.bundle = bundle
+        card = bundle.card
+        self.module = bundle.module
+        self.labels = list(card.labels)
+        self.sr, self.hop = card.sr, card.hop_length
+        self.window_frames = card.window_frames
+        if self.window_frames % 2:
+            raise ParameterError(f"generator window_frames must be even, got {self.window_frames}")
+        self.half = self.window_frames // 2
+        self.latent = int(card.extra.get("latent", 0))
+        if self.latent <= 0:
+            raise ParameterError(f"{bundle.path}: the card does not give the latent size")
+        with torch.inference_mode():
+            self.emb = self.module.embeddings().detach().numpy().astype(np.float32).copy()
+        self.rho = check_range("rho", rho, 0.0, 0.999)
+        self.fade = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(self.window_frames) / self.window_frames)).astype(np.float32)
+        basis = librosa.filters.mel(sr=card.sr, n_fft=card.n_fft, n_mels=card.n_mels, fmin=card.fmin, fmax=card.fmax)
+        self.mel_pinv = np.linalg.pinv(basis).astype(np.float32)  # (n_bins, n_mels)
+        self.phase = PhaseReconstructor(card.n_fft, card.hop_length, n_iter=n_iter, momentum=momentum,
+                                        lookahead=lookahead, max_frames=self.half)
+        self._torch = torch
+        self.set_target(self.labels[0])
+        self.start(0)
+
+    # ---- settings --------------------------------------------------------------------------
+    def composer_index(self, name) -> int:
+        """Index of a composer by name (or an int index); a clear error lists the known ones."""
+        if isinstance(name, (int, np.integer)) and not isinstance(name, bool):
+            if 0 <= int(name) < len(self.labels):
+                return int(name)
+            raise ParameterError(f"composer index {name} is outside 0..{len(self.labels) - 1}")
+        if name in self.labels:
+            return self.labels.index(name)
+        raise ParameterError(f"unknown composer {name!r}; this model knows: {', '.join(self.labels)}")
+
+    def condition(self, composer_a, composer_b=None, mix: float = 0.0) -> np.ndarray:
+        a = self.emb[self.composer_index(composer_a)]
+        if composer_b is None or mix == 0.0:
+            return a.copy()
+        b = self.emb[self.composer_index(composer_b)]
+        return _slerp(a, b, float(mix))
+
+    def set_target(self, composer_a, composer_b=None, mix: float = 0.0, temperature: float = 1.0) -> None:
+        """Composer(s), mix toward ``composer_b`` (0..1) and temperature; applies from the next window."""
+        mix = check_range("mix", mix, 0.0, 1.0)
+        temperature = check_range("temperature", temperature, 0.0, 4.0)
+        self._cond = self.condition(composer_a, composer_b, mix)
+        self._temperature = float(temperature)
+
+    def start(self, seed: int) -> None:
+        """Begin a new phrase from ``seed`` (same seed and targets → same audio)."""
+        self._rng = np.random.default_rng(seed)
+        self._z = self._rng.standard_normal(self.latent).astype(np.float32)
+        self._tail = None
+        self.phase.reset()
+
+    # ---- steps -------------------------------------------------------------------------------
+    def decode_window(self, z: np.ndarray, cond: np.ndarray) -> np.ndarray:
+        """Log-mel window [dB] (n_mels, window_frames) for a latent and a condition vector."""
+        torch = self._torch
+        with torch.inference_mode():
+            x = self.module(torch.from_numpy(z[None]), torch.from_numpy(cond[None]))
+        return x[0].numpy()
+
+    def step_frames(self) -> np.ndarray:
+        """The next ``window_frames // 2`` crossfaded log-mel frames [dB]."""
+        x = self.decode_window(self._z * self._temperature, self._cond)
+        h = self.half
+        if self._tail is None:
+            frames = x[:, :h].copy()
+        else:
+            frames = self._tail + self.fade[:h] * x[:, :h]
+        self._tail = self.fade[h:] * x[:, h:]
+        eps = self._rng.standard_normal(self.latent).astype(np.float32)
+        self._z = (self.rho * self._z + np.sqrt(1.0 - self.rho ** 2) * eps).astype(np.float32)
+        return frames
+
+    def frames_to_audio(self, logmel_db: np.ndarray) -> np.ndarray:
+        power = np.power(10.0, logmel_db / 10.0, dtype=np.float32)
+        mag = np.sqrt(np.maximum(self.mel_pinv @ power, 0.0))
+        return self.phase.process(mag)
+
+    def step(self) -> np.ndarray:
+        """Decode one more half window; return the audio samples that became final (float32)."""
+        return self.frames_to_audio(self.step_frames())
+
+    def finish(self) -> np.ndarray:
+        """End the phrase: the remaining samples (the phase reconstructor's lookahead)."""
+        return self.phase.flush()
+
+    def render(self, n_samples: int, progress: bool = False) -> np.ndarray:
+        """Exactly ``n_samples`` of audio from the current phrase and targets (offline)."""
+        from tqdm import tqdm
+
+        n_samples = check_range("n_samples", n_samples, 1, None, kind=int)
+        parts, got = [], 0
+        with tqdm(total=n_samples, unit="sample", unit_scale=True, disable=not progress, leave=False) as bar:
+            while got < n_samples:
+                y = self.step()
+                parts.append(y)
+                got += len(y)
+                bar.update(min(len(y), n_samples - (got - len(y))))
+        return np.concatenate(parts)[:n_samples]
+
+
+class Generator:
+    """Live composer-style audio: decodes ahead in a worker; :meth:`render` only reads a ring.
+
+    Parameters
+    ----------
+    bundle : Bundle or path or None
+        Generator bundle (None = the shipped one).
+    ahead_s : float
+        Audio decoded ahead of the reader [s].
+    **synth : settings of :class:`StyleSynth`.
+
+    Examples
+    --------
+    >>> g = Generator()
+    >>> g.set_target("dede_efendi", "sevki_bey", mix=0.3)
+    >>> with g:
+    ...     g.trigger(seed=1)
+    ...     block = g.render(256)   # in the audio callback: never waits
+    """
+
+    def __init__(self, bundle=None, *, ahead_s: float = 1.0, max_block: int = 8192, **synth):
+        if not isinstance(bundle, Bundle):
+            bundle = load_generator(bundle)
+        self.synth = StyleSynth(bundle, **synth)
+        self.labels = self.synth.labels
+        self.sr = self.synth.sr
+        self.ahead = int(check_range("ahead_s", ahead_s, 0.05, 30.0) * self.sr)
+        self._chunk = self.synth.half * self.synth.hop
+        self.ring = Ring(1, self.ahead + 2 * self._chunk + max_block)
+        self.max_block = check_range("max_block", max_block, 1, None, kind=int)
+        self._out = np.zeros((1, self.max_block), np.float32)
+        self._target = (self.labels[0], None, 0.0, 1.0)
+        self._target_seen = None
+        self._trig = (0, 0)  # (request number, seed)
+        self._gen = (0, 0)  # (request number the worker serves, ring position where its audio starts)
+        self.underruns = 0  # samples render() had to fill with silence while playing
+        self.faults = 0
+        self.last_error = ""
+        self.decode_seconds = 0.0
+        self.decoded_samples = 0
+        self._stop = threading.Event()
+        self._thread = None
+        self.set_target(self.labels[0])
+        self.synth.step()  # warm the model and the kernels before any stream starts
+        self.synth.start(0)
+
+    # ---- control (any thread) ----------------------------------------------------------------
+    def set_target(self, composer_a, composer_b=None, mix: float = 0.0, temperature: float = 1.0) -> None:
+        """Validated here; the worker applies it at its next window (never blocks)."""
+        self.synth.composer_index(composer_a)
+        if composer_b is not None:
+            self.synth.composer_index(composer_b)
+        check_range("mix", mix, 0.0, 1.0)
+        check_range("temperature", temperature, 0.0, 4.0)
+        self._target = (composer_a, composer_b, float(mix), float(temperature))
+
+    def trigger(self, seed: int | None = None) -> None:
+        """Start a new phrase; audio already decoded ahead is dropped at the next :meth:`render`."""
+        if seed is None:
+            seed = int(np.random.default_rng().integers(0, 2 ** 31))
+        self._trig = (self._trig[0] + 1, int(seed))
+
+    @property
+    def playing(self) -> bool:
+        return self._trig[0] > 0
+
+    # ---- audio thread ------------------------------------------------------------------------
+    def render(self, n_samples: int) -> np.ndarray:
+        """The next ``n_samples`` (≤ ``max_block``) as a float32 view of a preallocated buffer.
+
+        Never waits: before the first trigger, or when the worker is behind, the missing samples
+        are silence (counted in :attr:`underruns`).
+        """
+        out = self._out[:, :n_samples]
+        req = self._trig[0]
+        gen_req, gen_pos = self._gen
+        if req == 0 or gen_req != req:  # nothing triggered, or the new phrase has not started yet
+            out[:] = 0.0
+            return out[0]
+        ring = self.ring
+        if ring.read < gen_pos:  # drop what was decoded for the previous phrase
+            ring.read = gen_pos
+        got = ring.read_into(out)
+        if got < n_samples:
+            out[:, got:] = 0.0
+            self.underruns += n_samples - got
+        return out[0]
+
+    # ---- worker ------------------------------------------------------------------------------
+    def start(self) -> "Generator":
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._work, name="tarab-generator", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5.0)
+            self._thread = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _work(self) -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        synth = self.synth
+        while not self._stop.is_set():
+            try:
+                req, seed = self._trig
+                if req == 0:
+                    self._stop.wait(0.002)
+                    continue
+                if self._gen[0] != req:
+                    synth.start(seed)
+                    self._target_seen = None
+                    self._gen = (req, self.ring.written)
+                if self._target is not self._target_seen:
+                    t = self._target
+                    synth.set_target(*t)
+                    self._target_seen = t
+                if self.ring.written - max(self.ring.read, self._gen[1]) >= self.ahead:
+                    self._stop.wait(0.002)
+                    continue
+                t0 = time.perf_counter()
+                y = synth.step()
+                self.decode_seconds += time.perf_counter() - t0
+                self.decoded_samples += len(y)
+                if self._trig[0] == req and len(y):  # a trigger while decoding: drop this chunk
+                    self.ring.write(y[None])
+            except Exception as e:  # a fault in the worker must not kill the stream
+                self.faults += 1
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.exception("generator worker fault")
+                self._stop.wait(0.05)
