@@ -207,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.register(sub)
     gencommands.register(sub)
+    gencommands.register_render(sub)
     return p
 
 

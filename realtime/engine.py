@@ -183,8 +183,12 @@ class AudioEngine:
 
     def _warm_up(self) -> None:
         """Run the callback path once on silence so kernels are compiled before the stream."""
-        for _ in range(2):
-            self._process(self.block_size)
+        self.unit.set_warm_up(True)
+        try:
+            for _ in range(2):
+                self._process(self.block_size)
+        finally:
+            self.unit.set_warm_up(False)
         self.unit.reset()
 
     def stop(self) -> None:

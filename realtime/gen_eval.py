@@ -132,7 +132,7 @@ def evaluate_generation(data_dir=None, *, generator=None, classifier=None, clips
     # -- generated clips, re-analysed ------------------------------------------------------------
     gen_mel = {}
     style_hits, style_table = 0, {}
-    bar = tqdm(total=len(labels) * clips, desc="generate", unit="clip", disable=not progress, leave=False)
+    bar = tqdm(total=len(labels) * clips, desc="generate", unit="clip", disable=None if progress else True, leave=False)
     for ci, lab in enumerate(labels):
         hits = 0
         for s in range(clips):

@@ -122,3 +122,58 @@ def register(sub) -> None:
     s.add_argument("--cache-dir", type=Path, default=None)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_evaluate_generation)
+
+
+def cmd_render(args) -> int:
+    from .classify import load_classifier
+    from .generate import load_generator
+    from .presets import load_preset
+    from .render import render_file
+
+    from models.errors import check_range
+
+    check_range("--mix", args.mix, -120.0, 24.0)
+    preset = load_preset(args.preset or "default")
+    classifier = load_classifier(args.model or preset.classifier.get("model"))
+    generator = load_generator(args.generator) if args.layer != "none" else None
+    if args.layer not in ("none", "auto") and args.layer not in generator.card.labels:
+        raise ParameterError(f"--layer: unknown composer {args.layer!r}; use none, auto or one of: "
+                             f"{', '.join(generator.card.labels)}")
+    import torch
+
+    torch.set_num_threads(1)
+    s = render_file(args.input, args.output, preset=preset, classifier=classifier, generator=generator,
+                    layer=args.layer, level_db=args.mix, seed=args.seed, block_size=args.block,
+                    timeline_png=args.timeline, force=args.force, progress=not args.json)
+    if args.json:
+        print(json.dumps(s))
+    else:
+        top = sorted(s["probabilities"].items(), key=lambda kv: -kv[1])[:3]
+        print(f"{s['input']} → {s['output']} ({s['seconds']:.1f} s, {s['sr']} Hz, {s['channels']} ch) through "
+              f"preset '{s['preset']}' [{' → '.join(s['fx']) or 'no FX'}]")
+        print("  composer: " + ", ".join(f"{k} {v:.2f}" for k, v in top) + f" ({s['windows']} windows)")
+        if s["layer"] != "none":
+            print(f"  generated layer: {', '.join(s['layer_composers']) or '(input stayed silent)'} at {s['layer_level_db']:+.1f} dB")
+        print(f"  timeline: {s['timeline_json']}" + (f", {s['timeline_png']}" if s["timeline_png"] else "")
+              + f"; {s['x_realtime']:.0f}× real time")
+    return 0
+
+
+def register_render(sub) -> None:
+    from .cli import add_preset_arg
+
+    s = sub.add_parser("render", help="file → classification timeline + generated layer + FX chain → file")
+    s.add_argument("input", type=Path, help="audio file (WAV/FLAC/OGG/MP3/AIFF, any rate and channel count)")
+    s.add_argument("-o", "--output", type=Path, required=True, help="audio file to write (format from extension)")
+    s.add_argument("--layer", default="none", help="generated layer: none (default), auto (the detected composer) "
+                                                   "or a composer name")
+    s.add_argument("--mix", type=float, default=-12.0, help="level of the generated layer [dB] (default -12)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the generated layer (default 0)")
+    s.add_argument("--block", type=int, default=None, help="block size (default: the preset's engine block size)")
+    s.add_argument("--model", type=Path, default=None, help="classifier bundle (default: the preset's or shipped)")
+    s.add_argument("--generator", type=Path, default=None, help="generator bundle (default: the shipped one)")
+    s.add_argument("--timeline", action="store_true", help="also write OUT-stem.timeline.png")
+    s.add_argument("--force", action="store_true", help="overwrite OUT and its sidecars")
+    s.add_argument("--json", action="store_true", help="print a JSON summary; no progress bar")
+    add_preset_arg(s)
+    s.set_defaults(func=cmd_render)

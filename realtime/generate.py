@@ -161,7 +161,7 @@ class StyleSynth:
 
         n_samples = check_range("n_samples", n_samples, 1, None, kind=int)
         parts, got = [], 0
-        with tqdm(total=n_samples, unit="sample", unit_scale=True, disable=not progress, leave=False) as bar:
+        with tqdm(total=n_samples, unit="sample", unit_scale=True, disable=None if progress else True, leave=False) as bar:
             while got < n_samples:
                 y = self.step()
                 parts.append(y)

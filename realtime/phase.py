@@ -125,7 +125,7 @@ def _fgla(mag, cre, cim, pre, pim, n_frames, n_iter, alpha, tail, tail_w2, w2, w
     n = window.shape[0]
     r = (n_frames - 1) * hop + n
     nt = tail.shape[0]
-    for it in range(n_iter):
+    for _ in range(n_iter):
         for i in range(r):
             sig[i] = 0.0
         for i in range(nt):

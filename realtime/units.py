@@ -69,6 +69,12 @@ class Unit:
     def reset(self) -> None:
         """Forget the stream state (delay lines, tails); keep parameters."""
 
+    def set_warm_up(self, warming: bool) -> None:
+        """The engine runs a few blocks of silence before the stream (then :meth:`reset`).
+
+        Units that consume an outside source (a generator's ring) leave it alone while warming.
+        """
+
     def close(self) -> None:
         """Release threads or resources (no-op by default)."""
 
@@ -131,6 +137,10 @@ class Chain(Unit):
     def reset(self):
         for u in self.units:
             u.reset()
+
+    def set_warm_up(self, warming):
+        for u in self.units:
+            u.set_warm_up(warming)
 
     def close(self):
         for u in self.units:

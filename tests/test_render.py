@@ -1,0 +1,215 @@
+"""`tarab render`: the offline chain equals the live engine; formats; atomic output; bad input."""
+
+import json
+import struct
+import time
+
+import numpy as np
+import pedalboard
+import pytest
+import soundfile as sf
+from conftest import REPO, run_cli
+
+from realtime import AudioEngine, Chain, Recorder
+from realtime.classify import ClassifierUnit, load_classifier
+from realtime.generate import Generator, load_generator
+from realtime.presets import load_preset
+from realtime.render import build_chain, render_file
+
+CLIP = REPO / "realtime" / "clips" / "demo.ogg"
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_classifier()
+
+
+def _outputs(d):
+    return sorted(p.name for p in d.iterdir())
+
+
+def test_offline_render_equals_live_engine_through_jack(jack_probe, classifier, tiny_models, tmp_path):
+    """Same input, preset and layer composer: the JACK output equals `render_file`, sample for sample."""
+    _, _, gen_dir = tiny_models
+    preset = load_preset("default")
+    gen = Generator(load_generator(gen_dir), ahead_s=2.0)
+    gen.set_target("beta")
+    gen.trigger(5)
+    clip, sr = sf.read(CLIP, dtype="float32")
+    clip = clip[: 8 * sr]
+    rec = Recorder(seconds=30)
+    live_chain = build_chain(ClassifierUnit(classifier.card), layer_source=gen, level_db=-10.0,
+                             board=preset.build_fx())
+    with gen:
+        while gen.ring.available() < gen.ahead // 2:  # decoded ahead before the stream starts
+            time.sleep(0.01)
+        engine = AudioEngine(Chain([rec, live_chain]), sr=jack_probe.sr, block_size=256).start()
+        try:
+            jack_probe.connect_through()
+            cap = jack_probe.play_and_record(clip, clip.size + sr)
+            stats = engine.stats()
+        finally:
+            engine.stop()
+    assert stats.xruns == 0 and stats.faults == 0 and gen.underruns == 0 and gen.faults == 0
+    recorded = rec.drain()[0]  # every block the chain processed, from the first callback
+    src = tmp_path / "in.wav"
+    sf.write(src, recorded, sr, subtype="FLOAT")
+    summary = render_file(src, tmp_path / "out.wav", preset=preset, classifier=classifier,
+                          generator=load_generator(gen_dir), layer="beta", level_db=-10.0, seed=5, progress=False)
+    off, _ = sf.read(tmp_path / "out.wav", dtype="float32")
+    assert summary["block_size"] == 256 and len(off) == len(recorded)
+    # the capture began after the stream did: find where in the stream it starts. The clip reached
+    # the engine's input at `a`; capture index j shows the chain's output of stream index j + k with
+    # k = a - (round trip), the round trip being a whole number of periods.
+    from realtime.jacktools import measure_delay
+
+    a = measure_delay(clip, recorded)
+    ks = [a - rt for rt in range(256, 4 * 256 + 1, 256)
+          if a - rt >= 0 and np.array_equal(cap[2 * sr:2 * sr + 4096], off[a - rt + 2 * sr:a - rt + 2 * sr + 4096])]
+    assert len(ks) == 1, "no alignment makes the live output equal the offline render"
+    k = ks[0]
+    n = min(len(off) - k, len(cap))
+    assert n > 6 * sr
+    np.testing.assert_array_equal(cap[:n], off[k:k + n])
+    assert np.abs(off).max() > 0.05  # there is sound: the input and the layer
+
+
+def test_render_formats_rates_channels_and_sidecars(classifier, tmp_path):
+    rng = np.random.default_rng(0)
+    clip, sr = sf.read(CLIP, dtype="float32", frames=22050 * 6)
+    import soxr
+
+    cases = {"st48.flac": (soxr.resample(np.stack([clip, clip[::-1]], 1), sr, 48000), 48000),
+             "oct8k.wav": (np.tile(soxr.resample(clip, sr, 8000)[:, None], (1, 8)) * 0.5, 8000),
+             "hi192.aiff": (soxr.resample(clip, sr, 192000), 192000)}
+    for name, (y, rate) in cases.items():
+        src = tmp_path / name
+        sf.write(src, (y + 1e-4 * rng.standard_normal(y.shape)).astype(np.float32), rate)
+        out = tmp_path / ("out-" + src.stem + ".ogg" if rate != 192000 else "out-" + src.stem + ".wav")
+        r = run_cli("render", src, "-o", out, "--preset", "studio-dry", "--json", "--timeline")
+        assert r.returncode == 0, r.stderr
+        s = json.loads(r.stdout)
+        info = sf.info(out)
+        ch = 1 if y.ndim == 1 else y.shape[1]
+        assert (info.samplerate, info.channels) == (rate, ch) and s["channels"] == ch
+        assert abs(info.frames - len(y)) <= 1
+        tl = json.loads((tmp_path / f"{out.stem}.timeline.json").read_text())
+        assert tl["composer"] in classifier.card.labels and len(tl["timeline"]) == s["windows"] >= 1
+        assert (tmp_path / f"{out.stem}.timeline.png").stat().st_size > 10000
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_render_fx_chain_matches_pedalboard_and_existing_output_needs_force(classifier, tmp_path):
+    """No layer: the output is the preset's pedalboard chain applied to the input in one go."""
+    preset = load_preset("tape-echo")
+    clip, sr = sf.read(CLIP, dtype="float32", frames=22050 * 4)
+    src = tmp_path / "in.wav"
+    sf.write(src, clip, sr, subtype="FLOAT")
+    out = tmp_path / "out.wav"
+    render_file(src, out, preset=preset, classifier=classifier, progress=False)
+    got, _ = sf.read(out, dtype="float32")
+    ref = preset.build_fx()(clip[None], sr)[0]  # pedalboard, whole signal at once
+    np.testing.assert_allclose(got, ref, atol=2e-5)
+    before = out.stat().st_mtime_ns
+    r = run_cli("render", src, "-o", out)
+    assert r.returncode == 2 and "exists; pass --force" in r.stderr and out.stat().st_mtime_ns == before
+    r = run_cli("render", src, "-o", out, "--force", "--json")
+    assert r.returncode == 0, r.stderr
+
+
+def _wav_with_channels(path, channels):
+    """A WAV whose header says ``channels`` (0 is invalid) over a few samples."""
+    sf.write(path, np.zeros(100, np.int16), 8000, subtype="PCM_16")
+    b = bytearray(path.read_bytes())
+    b[22:24] = struct.pack("<H", channels)
+    path.write_bytes(bytes(b))
+
+
+def test_render_bad_input_one_line_errors_and_no_output(tmp_path):
+    good = tmp_path / "good.wav"
+    sf.write(good, np.sin(np.arange(22050 * 3) * 0.05).astype(np.float32) * 0.3, 22050)
+    trunc = tmp_path / "trunc.flac"
+    sf.write(trunc, np.random.default_rng(0).standard_normal(22050 * 3).astype(np.float32) * 0.1, 22050)
+    trunc.write_bytes(trunc.read_bytes()[:200])
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.wav"
+    text.write_text("not audio at all\n" * 20)
+    unsupported = tmp_path / "x.xyz"
+    unsupported.write_bytes(b"\x00\x01" * 500)
+    zero_ch = tmp_path / "zero.wav"
+    _wav_with_channels(zero_ch, 0)
+    nan = tmp_path / "nan.wav"
+    y = np.zeros(22050, np.float32)
+    y[5000] = np.nan
+    sf.write(nan, y, 22050, subtype="FLOAT")
+    inf = tmp_path / "inf.wav"
+    y[5000] = np.inf
+    sf.write(inf, y, 22050, subtype="FLOAT")
+    bad_preset = tmp_path / "bad.toml"
+    bad_preset.write_text('[[fx]]\nplugin = "Reverb"\nroom_size = 7.0\n')
+    vst = tmp_path / "vst.toml"
+    vst.write_text(f'[[fx]]\nplugin = "vst3"\npath = "{tmp_path / "nothing.vst3"}"\n')
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    cases = [
+        ([trunc], "trunc.flac"), ([empty], "empty.wav"), ([text], "not a readable audio file"),
+        ([unsupported], "not a readable audio file"), ([zero_ch], "zero.wav"), ([nan], "NaN or Inf"),
+        ([inf], "NaN or Inf"), ([tmp_path / "missing.wav"], "no such file"),
+        ([good, "--preset", "no-such-preset"], "no-such-preset"), ([good, "--preset", bad_preset], "room_size"),
+        ([good, "--preset", vst], "cannot load plugin"), ([good, "--layer", "zeta"], "unknown composer 'zeta'"),
+        ([good, "--mix", "99"], "--mix"),
+    ]
+    for args, msg in cases:
+        r = run_cli("render", *args, "-o", out_dir / "o.wav")
+        assert r.returncode != 0 and msg in r.stderr, (args, r.stderr)
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert _outputs(out_dir) == []
+    import os
+
+    if os.geteuid() != 0:  # root may write anywhere
+        r = run_cli("render", good, "-o", ro / "o.wav")
+        assert r.returncode == 2 and "not writable" in r.stderr
+    r = run_cli("render", good, "-o", tmp_path / "nodir" / "o.wav")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_render_full_disk_leaves_no_file(classifier, tmp_path, monkeypatch, capsys):
+    """A writer that fails mid-way (ENOSPC): one-line error, exit status non-zero, nothing left."""
+    import errno
+
+    from realtime import audiofile
+    from realtime.cli import main
+
+    src = tmp_path / "in.wav"
+    sf.write(src, np.random.default_rng(1).standard_normal(22050 * 4).astype(np.float32) * 0.1, 22050)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    calls = {"n": 0}
+    real = audiofile.AudioWriter.write
+
+    def failing(self, block):
+        calls["n"] += 1
+        if calls["n"] > 50:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, block)
+
+    monkeypatch.setattr(audiofile.AudioWriter, "write", failing)
+    code = main(["render", str(src), "-o", str(out_dir / "o.flac"), "--json"])
+    err = capsys.readouterr().err
+    assert code != 0 and "No space left on device" in err and err.count("\n") == 1
+    assert calls["n"] > 50 and _outputs(out_dir) == []
+
+
+def test_pedalboard_streaming_is_block_size_independent():
+    """The premise of live == offline: pedalboard with reset=False does not depend on the block size."""
+    preset = load_preset("concert-hall")
+    x = np.random.default_rng(2).standard_normal((1, 22050 * 2)).astype(np.float32) * 0.1
+    whole = preset.build_fx()(x, 22050)
+    board = preset.build_fx()
+    parts = [board.process(x[:, a:a + 256], 22050, buffer_size=256, reset=False) for a in range(0, x.shape[1], 256)]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), whole, atol=1e-6)
+    assert isinstance(board, pedalboard.Pedalboard)
