@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.register(sub)
     gencommands.register(sub)
     gencommands.register_render(sub)
+    gencommands.register_play(sub)
     return p
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from models.errors import ParameterError
@@ -177,3 +178,115 @@ def register_render(sub) -> None:
     s.add_argument("--json", action="store_true", help="print a JSON summary; no progress bar")
     add_preset_arg(s)
     s.set_defaults(func=cmd_render)
+
+
+def cmd_play(args) -> int:
+    from .audiofile import AudioWriter, check_audio_path
+    from .cli import _engine_from_args, finish_run, resolve_settings
+    from .generate import load_generator
+    from .midi import MidiInput
+    from .play import build_player
+    from .presets import load_preset
+    from .units import Chain, Recorder
+
+    preset = load_preset(args.preset or "default")
+    resolve_settings(args)
+    if args.record is not None:
+        check_audio_path(args.record, args.force)
+    gen = load_generator(args.model or preset.generator.get("model"))
+    inst, chain = build_player(preset, gen, sr=args.sr, block_size=args.block, channels=args.channels)
+    rec = Recorder(seconds=30.0) if args.record is not None else None
+    unit = Chain([chain, rec]) if rec is not None else chain
+    port = args.midi or preset.midi.get("port")
+    midi = MidiInput(inst.handle, port=port, virtual=port is None, name=args.midi_name)
+    inst.start()
+    engine = _engine_from_args(unit, args)
+    try:
+        engine.start()
+        midi.start()
+        writer = AudioWriter(args.record, engine.sr, args.channels, force=args.force) if rec is not None else None
+        with writer if writer is not None else _nothing():
+            def drain(_eng=None):
+                if writer is not None:
+                    writer.write(rec.drain().T)
+
+            info = {"event": "ready", "midi_port": midi.port_name, "midi_api": midi.api, "sr": engine.sr,
+                    "block_size": engine.block_size, "voices": len(inst.voices), "composers": inst.map.composers}
+            if args.json:
+                print(json.dumps(info), flush=True)
+
+                def tick(eng):
+                    drain()
+                    if time.monotonic() - tick.last >= 1.0:
+                        tick.last = time.monotonic()
+                        print(json.dumps({"event": "status", **_status(inst, eng, midi)}), flush=True)
+                tick.last = time.monotonic()
+                reason = engine.run(args.seconds, on_tick=tick)
+            else:
+                from rich.live import Live
+
+                print(f"tarab play: MIDI in '{midi.port_name}' ({midi.api}); {len(inst.voices)} voices; "
+                      f"keys → {', '.join(inst.map.composers)}; Ctrl-C stops")
+                with Live(_play_view(inst, engine, midi), refresh_per_second=8) as live:
+                    def tick(eng):
+                        drain()
+                        live.update(_play_view(inst, eng, midi))
+                    reason = engine.run(args.seconds, on_tick=tick)
+            drain()
+            return finish_run(engine, reason, json_out=args.json)
+    finally:
+        engine.stop()
+        midi.close()
+        inst.stop()
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _status(inst, engine, midi) -> dict:
+    st = engine.stats(recent=200)
+    snap = inst.snapshot()
+    gens = [v.gen for v in inst.voices]
+    return {**snap, "midi_received": midi.received, "midi_malformed": midi.malformed, "xruns": st.xruns,
+            "callback_p999_pct": round(100.0 * st.callback_p999_ms / max(st.block_period_ms, 1e-9), 2),
+            "latency_ms": round(st.total_latency_ms, 1),
+            "underruns": sum(g.underruns for g in gens), "generator_faults": sum(g.faults for g in gens)}
+
+
+def _play_view(inst, engine, midi):
+    from rich.table import Table
+
+    s = _status(inst, engine, midi)
+    t = Table(title="tarab play", expand=False)
+    for c in ("voice", "note", "composer", "state", "level"):
+        t.add_column(c)
+    for i, v in enumerate(s["voices"]):
+        if v["state"] != "free":
+            t.add_row(str(i), str(v["note"]), v["composer"], v["state"], f"{v['level_db']:.0f} dB")
+    t.caption = (f"mix {s['mix']:.2f} → next composer | temperature {s['temperature']:.2f} | transpose "
+                 f"{s['transpose']:+.2f} st | sustain {'on' if s['sustain'] else 'off'} | program {s['program']}\n"
+                 f"{engine.stats(recent=200).line()} | MIDI {s['midi_received']} msgs ({s['midi_malformed']} malformed)"
+                 f" | underruns {s['underruns']}")
+    return t
+
+
+def register_play(sub) -> None:
+    from .cli import add_audio_args, add_preset_arg
+
+    s = sub.add_parser("play", help="MIDI-controlled live generation (notes trigger composers, CCs morph)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--midi", metavar="PORT", default=None, help="connect to the MIDI input port whose name contains PORT")
+    g.add_argument("--virtual", action="store_true", help="create a virtual MIDI input port (the default)")
+    s.add_argument("--midi-name", default="tarab-midi-in", help="name of tarab's MIDI port (default tarab-midi-in)")
+    s.add_argument("--model", type=Path, default=None, help="generator bundle (default: the preset's or shipped)")
+    s.add_argument("--record", type=Path, default=None, help="also write what is played to this audio file")
+    s.add_argument("--force", action="store_true", help="overwrite --record's file")
+    s.add_argument("--json", action="store_true", help="JSON lines (ready, status each second, end)")
+    add_audio_args(s)
+    add_preset_arg(s)
+    s.set_defaults(func=cmd_play)

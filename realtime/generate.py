@@ -47,6 +47,15 @@ def _slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
     return (u * ((1 - t) * na + t * nb)).astype(np.float32)
 
 
+def _bin_map(n_bins: int, ratio: float):
+    """Source bin positions for a pitch ratio: bin k takes the magnitude at k / ratio (linear interp.)."""
+    src = np.arange(n_bins) / ratio
+    i0 = np.clip(np.floor(src).astype(np.int64), 0, n_bins - 1)
+    w = np.clip(src - i0, 0.0, 1.0).astype(np.float32)
+    w[src >= n_bins - 1] = 0.0
+    return i0, w
+
+
 class StyleSynth:
     """Latent → audio, step by step (one thread at a time).
 
@@ -86,6 +95,7 @@ class StyleSynth:
         self.phase = PhaseReconstructor(card.n_fft, card.hop_length, n_iter=n_iter, momentum=momentum,
                                         lookahead=lookahead, max_frames=self.half)
         self._torch = torch
+        self._shift = None
         self.set_target(self.labels[0])
         self.start(0)
 
@@ -107,12 +117,18 @@ class StyleSynth:
         b = self.emb[self.composer_index(composer_b)]
         return _slerp(a, b, float(mix))
 
-    def set_target(self, composer_a, composer_b=None, mix: float = 0.0, temperature: float = 1.0) -> None:
-        """Composer(s), mix toward ``composer_b`` (0..1) and temperature; applies from the next window."""
+    def set_target(self, composer_a, composer_b=None, mix: float = 0.0, temperature: float = 1.0,
+                   transpose: float = 0.0) -> None:
+        """Composer(s), mix toward ``composer_b`` (0..1), temperature and transposition [semitones];
+        applies from the next window."""
         mix = check_range("mix", mix, 0.0, 1.0)
         temperature = check_range("temperature", temperature, 0.0, 4.0)
+        transpose = check_range("transpose", transpose, -24.0, 24.0)
         self._cond = self.condition(composer_a, composer_b, mix)
         self._temperature = float(temperature)
+        if transpose != getattr(self, "_transpose", 0.0):
+            self._shift = None if transpose == 0.0 else _bin_map(self.phase.n_bins, 2.0 ** (transpose / 12.0))
+        self._transpose = float(transpose)
 
     def start(self, seed: int) -> None:
         """Begin a new phrase from ``seed`` (same seed and targets → same audio)."""
@@ -145,6 +161,9 @@ class StyleSynth:
     def frames_to_audio(self, logmel_db: np.ndarray) -> np.ndarray:
         power = np.power(10.0, logmel_db / 10.0, dtype=np.float32)
         mag = np.sqrt(np.maximum(self.mel_pinv @ power, 0.0))
+        if self._shift is not None:  # transposition: move partials along the linear frequency axis
+            i0, w = self._shift
+            mag = mag[i0] * (1.0 - w)[:, None] + mag[np.minimum(i0 + 1, len(i0) - 1)] * w[:, None]
         return self.phase.process(mag)
 
     def step(self) -> np.ndarray:
@@ -201,7 +220,7 @@ class Generator:
         self.ring = Ring(1, self.ahead + 2 * self._chunk + max_block)
         self.max_block = check_range("max_block", max_block, 1, None, kind=int)
         self._out = np.zeros((1, self.max_block), np.float32)
-        self._target = (self.labels[0], None, 0.0, 1.0)
+        self._target = (self.labels[0], None, 0.0, 1.0, 0.0)
         self._target_seen = None
         self._trig = (0, 0)  # (request number, seed)
         self._gen = (0, 0)  # (request number the worker serves, ring position where its audio starts)
@@ -217,14 +236,16 @@ class Generator:
         self.synth.start(0)
 
     # ---- control (any thread) ----------------------------------------------------------------
-    def set_target(self, composer_a, composer_b=None, mix: float = 0.0, temperature: float = 1.0) -> None:
+    def set_target(self, composer_a, composer_b=None, mix: float = 0.0, temperature: float = 1.0,
+                   transpose: float = 0.0) -> None:
         """Validated here; the worker applies it at its next window (never blocks)."""
         self.synth.composer_index(composer_a)
         if composer_b is not None:
             self.synth.composer_index(composer_b)
         check_range("mix", mix, 0.0, 1.0)
         check_range("temperature", temperature, 0.0, 4.0)
-        self._target = (composer_a, composer_b, float(mix), float(temperature))
+        check_range("transpose", transpose, -24.0, 24.0)
+        self._target = (composer_a, composer_b, float(mix), float(temperature), float(transpose))
 
     def trigger(self, seed: int | None = None) -> None:
         """Start a new phrase; audio already decoded ahead is dropped at the next :meth:`render`."""
@@ -240,8 +261,9 @@ class Generator:
     def render(self, n_samples: int) -> np.ndarray:
         """The next ``n_samples`` (≤ ``max_block``) as a float32 view of a preallocated buffer.
 
-        Never waits: before the first trigger, or when the worker is behind, the missing samples
-        are silence (counted in :attr:`underruns`).
+        Never waits: before the first trigger, while a new phrase's first samples are decoded, or
+        when the worker is behind, the missing samples are silence (the last case counted in
+        :attr:`underruns`).
         """
         out = self._out[:, :n_samples]
         req = self._trig[0]
@@ -255,7 +277,8 @@ class Generator:
         got = ring.read_into(out)
         if got < n_samples:
             out[:, got:] = 0.0
-            self.underruns += n_samples - got
+            if ring.written > gen_pos:  # not the wait for a new phrase's first samples
+                self.underruns += n_samples - got
         return out[0]
 
     # ---- worker ------------------------------------------------------------------------------

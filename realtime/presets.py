@@ -39,8 +39,19 @@ SCHEMA = {
                "input": ((str, int), None, None), "output": ((str, int), None, None), "host_api": (str, None, None)},
     "classifier": {"rate_hz": ((int, float), 0.01, 50.0), "smoothing_s": ((int, float), 0.0, 600.0),
                    "silence_db": ((int, float), -200.0, 0.0), "model": (str, None, None)},
+    "generator": {"model": (str, None, None), "ahead_s": ((int, float), 0.05, 10.0), "iterations": (int, 0, 200),
+                  "rho": ((int, float), 0.0, 0.999), "temperature": ((int, float), 0.0, 4.0),
+                  "layer_db": ((int, float), -120.0, 24.0)},
+    "midi": {"port": (str, None, None), "voices": (int, 1, 32), "keys": (str, None, None),
+             "composers": (list, None, None), "velocity_curve": ((int, float), 0.1, 10.0),
+             "min_level_db": ((int, float), -96.0, 0.0), "attack_s": ((int, float), 0.0, 5.0),
+             "release_s": ((int, float), 0.0, 30.0), "mix_cc": (int, 0, 127), "temperature_cc": (int, 0, 127),
+             "sustain_cc": (int, 0, 127), "temperature_min": ((int, float), 0.0, 4.0),
+             "temperature_max": ((int, float), 0.0, 4.0), "bend_semitones": ((int, float), 0.0, 24.0),
+             "programs": (list, None, None), "master_db": ((int, float), -60.0, 12.0)},
 }
-TOP_LEVEL = {"description": str, "engine": dict, "classifier": dict, "fx": list}
+ENUMS = {("midi", "keys"): ("cyclic", "range")}
+TOP_LEVEL = {"description": str, "engine": dict, "classifier": dict, "generator": dict, "midi": dict, "fx": list}
 FX_PLUGINS = ("Bitcrush", "Chorus", "Clipping", "Compressor", "Delay", "Distortion", "Gain", "HighShelfFilter",
               "HighpassFilter", "LadderFilter", "Limiter", "LowShelfFilter", "LowpassFilter", "NoiseGate",
               "PeakFilter", "Phaser", "PitchShift", "Reverb")
@@ -60,7 +71,7 @@ class Preset:
     name : str
     path : Path
     description : str
-    engine, classifier : dict
+    engine, classifier, generator, midi : dict
         Validated settings (only the keys the file gives).
     fx : list of dict
         The FX chain: ``{"plugin": name, **parameters}`` or ``{"plugin": "vst3", "path": ..., "parameters": {...}}``.
@@ -72,6 +83,8 @@ class Preset:
     engine: dict = field(default_factory=dict)
     classifier: dict = field(default_factory=dict)
     fx: list = field(default_factory=list)
+    generator: dict = field(default_factory=dict)
+    midi: dict = field(default_factory=dict)
 
     def build_fx(self):
         """A fresh ``pedalboard.Pedalboard`` for the FX chain (validated again, cheaply)."""
@@ -175,11 +188,21 @@ def load_preset(name_or_path) -> Preset:
             if k not in keys:
                 raise PresetError(f"{p}: [{section}] {k}: unknown key; allowed: {', '.join(keys)}")
             _check_value(p, f"[{section}] {k}", v, *keys[k])
+            allowed = ENUMS.get((section, k))
+            if allowed and v not in allowed:
+                raise PresetError(f"{p}: [{section}] {k}: {v!r} is not one of {', '.join(allowed)}")
+    midi = data.get("midi", {})
+    for k in ("composers", "programs"):
+        if k in midi and (not midi[k] or not all(isinstance(x, str) for x in midi[k])):
+            raise PresetError(f"{p}: [midi] {k}: expected a non-empty list of names")
+    if midi.get("temperature_min", 0.0) > midi.get("temperature_max", 4.0):
+        raise PresetError(f"{p}: [midi] temperature_min must not exceed temperature_max")
     fx = data.get("fx", [])
     for i, spec in enumerate(fx):
         if not isinstance(spec, dict) or "plugin" not in spec:
             raise PresetError(f"{p}: fx[{i}]: each [[fx]] entry needs plugin = \"Name\"")
     preset = Preset(name=p.stem, path=p, description=data.get("description", ""),
-                    engine=dict(data.get("engine", {})), classifier=dict(data.get("classifier", {})), fx=list(fx))
+                    engine=dict(data.get("engine", {})), classifier=dict(data.get("classifier", {})), fx=list(fx),
+                    generator=dict(data.get("generator", {})), midi=dict(midi))
     preset.build_fx()  # validates every plugin and parameter now, not mid-stream
     return preset

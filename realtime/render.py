@@ -70,12 +70,14 @@ class SyncSource:
 class LayerUnit(Unit):
     """Adds ``source``'s audio (mono, at the model rate) to every channel at ``level_db``.
 
-    ``source`` has ``render(n) -> float32 (n,)`` and ``sr`` (a Generator or a SyncSource).
+    ``source`` has ``render(n) -> float32 (n,)`` and ``sr`` (a Generator, a SyncSource or the
+    play mixer). With ``replace=True`` the output is the layer alone (the input is dropped).
     """
 
-    def __init__(self, source, level_db: float = DEFAULT_LAYER_DB):
+    def __init__(self, source, level_db: float = DEFAULT_LAYER_DB, replace: bool = False):
         super().__init__()
         self.source = source
+        self.replace = replace
         self.level_db = check_range("level_db", level_db, -120.0, 24.0)
         self.gain = float(10.0 ** (self.level_db / 20.0))
         self._warming = False
@@ -91,7 +93,7 @@ class LayerUnit(Unit):
 
             self._resampler = soxr.ResampleStream(self.source.sr, self.sr, 1, dtype="float32", quality="HQ")
             self._fifo = Ring(1, 4 * self.block_size + 16384)
-            self._pull = max(64, int(np.ceil(self.block_size * self.source.sr / self.sr)))
+            self._pull = min(4096, max(64, int(np.ceil(self.block_size * self.source.sr / self.sr))))
 
     def process(self, block, out=None):
         n = block.shape[1]
@@ -107,7 +109,10 @@ class LayerUnit(Unit):
             layer *= self.gain
         if out is None:
             out = np.empty_like(block)
-        np.add(block, layer, out=out[:, :n])
+        if self.replace:
+            out[:, :n] = layer
+        else:
+            np.add(block, layer, out=out[:, :n])
         return out[:, :n]
 
     def reset(self):
@@ -116,15 +121,29 @@ class LayerUnit(Unit):
 
 
 class FxUnit(Unit):
-    """A pedalboard chain, processed as one continuous stream (``reset=False``)."""
+    """A pedalboard chain, processed as one continuous stream (``reset=False``).
+
+    :meth:`switch` swaps the chain between blocks (a MIDI program change): one reference
+    assignment, so the callback sees either the old or the new board.
+    """
 
     def __init__(self, board):
         super().__init__()
         self.board = board
 
+    def switch(self, board) -> None:
+        board.reset()
+        self.board = board
+
     def process(self, block, out=None):
         n = block.shape[1]
-        y = self.board.process(block, float(self.sr), buffer_size=max(self.block_size, n), reset=False)
+        board = self.board
+        if len(board) == 0:
+            if out is None:
+                return block
+            out[:, :n] = block
+            return out[:, :n]
+        y = board.process(block, float(self.sr), buffer_size=max(self.block_size, n), reset=False)
         if out is None:
             return y
         out[:, :n] = y
