@@ -15,10 +15,10 @@ from pathlib import Path
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench")
-    p.add_argument("--only", choices=["mel", "inference", "live"], action="append")
+    p.add_argument("--only", choices=["mel", "inference", "live", "decode", "render", "play"], action="append")
     p.add_argument("--seconds", type=float, default=20.0, help="length of the live run")
     args = p.parse_args(argv)
-    todo = args.only or ["mel", "inference", "live"]
+    todo = args.only or ["mel", "inference", "live", "decode", "render", "play"]
     res = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "python": platform.python_version()}}
     if "mel" in todo:
@@ -49,6 +49,31 @@ def main(argv=None) -> int:
         print(f"classifier worker: {r['estimates_per_s']:.2f} estimates/s (configured {r['configured_rate_hz']:.2f}), "
               f"{r['worker_cpu_share_of_core'] * 100:.1f} % "
               f"of one core (target ≤ 10 %), skipped {r['skipped_windows']}")
+    if "decode" in todo:
+        from . import generation
+
+        r = res["decode"] = generation.run_decoding()
+        print(f"generator latent → audio {r['decode_x_realtime']:7.1f}× real time on 1 thread "
+              f"({r['phase_iterations']} fast Griffin-Lim iterations; target ≥ 50×)")
+        print(f"phase reconstruction     {r['phase_only_x_realtime']:7.1f}× real time vs librosa Griffin-Lim 32 "
+              f"{r['librosa_gl32_x_realtime']:.1f}× → {r['speedup_vs_librosa_gl32']:.1f}× faster; spectral convergence "
+              f"ours {r['sc_ours']:.3f}, librosa GL32 {r['sc_librosa_gl32']:.3f}, librosa fast GL32 {r['sc_librosa_fgl32']:.3f}")
+    if "render" in todo:
+        from . import generation
+
+        r = res["render"] = generation.run_render()
+        print(f"tarab render (1 thread)  {r['no_layer']['x_realtime']:7.1f}× real time without the layer (target ≥ 200×), "
+              f"{r['with_layer']['x_realtime']:.1f}× with it (target ≥ 25×); whole {r['minutes']:g}-min file incl. "
+              f"set-up: {r['no_layer']['whole_file_x_realtime']:.0f}× / {r['with_layer']['whole_file_x_realtime']:.0f}×")
+    if "play" in todo:
+        from . import generation
+
+        r = res["play"] = generation.run_play()
+        print(f"MIDI note-on → sound     median {r['latency_ms_median']:.1f} ms, p90 {r['latency_ms_p90']:.1f}, max "
+              f"{r['latency_ms_max']:.1f} ms over {r['notes_heard']}/{r['notes']} notes (incl. {r['round_trip_ms']:.1f} ms "
+              f"output latency; target ≤ 50 ms), xruns {r['xruns_notes']}")
+        print(f"callback with {r['voices_sounding']} voices  median {r['callback_median_pct_4_voices']:.2f} %, p99.9 "
+              f"{r['callback_p999_pct_4_voices']:.2f} % of the block period (target ≤ 10 %), xruns {r['xruns_4_voices']}")
     out = Path(__file__).with_name("results.json")
     try:  # keep the sections this run did not measure
         old = json.loads(out.read_text())

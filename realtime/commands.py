@@ -293,41 +293,67 @@ DEMO_CLIP = Path(__file__).resolve().parent / "clips" / "demo.ogg"
 
 
 def cmd_demo(args) -> int:
-    """The main job on what ships in the repo: classify the demo clip with a rolling timeline."""
+    """The main job on what ships in the repo: classify → generate a morph → render with FX → demo-out/."""
     import time
 
-    from .atomic import atomic_output
-    from .classify import DEFAULT_RATE_HZ, DEFAULT_SILENCE_DB, DEFAULT_TIME_CONSTANT_S, load_classifier
-    from .offline import classify_file
-    from .plots import timeline_png
+    import torch
 
+    from .atomic import atomic_output
+    from .audiofile import write_audio
+    from .classify import load_classifier
+    from .generate import StyleSynth, load_generator
+    from .plots import spectrograms_png
+    from .presets import load_preset
+    from .render import render_file
+
+    torch.set_num_threads(1)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    bundle = load_classifier(args.model)
-    r = classify_file(args.clip, bundle, rate_hz=DEFAULT_RATE_HZ, time_constant_s=DEFAULT_TIME_CONSTANT_S,
-                      silence_db=DEFAULT_SILENCE_DB, keep_mel=True)
-    t_cls = time.perf_counter() - t0
-    with atomic_output(out / "timeline.png", force=True) as tmp:
-        timeline_png(tmp, r.mel, bundle.card.sr, bundle.card.hop_length, r.estimator.estimates, r.labels,
-                     title=f"{Path(args.clip).name}: rolling composer probabilities")
-    order = np.argsort(-r.probabilities)
-    summary = {"clip": str(args.clip), "seconds": round(r.seconds, 2), "composer": r.composer,
-               "top": [{"composer": r.labels[i], "probability": round(float(r.probabilities[i]), 4)} for i in order[:3]],
-               "windows": r.windows, "timeline": [e.as_dict(r.labels) for e in r.estimator.estimates],
-               "model": {"name": bundle.card.name, "test_metrics": bundle.card.metrics.get("test", {})},
-               "classify_seconds": round(t_cls, 2), "outputs": ["timeline.png", "summary.json"]}
+    classifier = load_classifier(args.model)
+    generator = load_generator(args.generator)
+    preset = load_preset("default")
+    # 1. the clip through the whole chain: rolling classification, a generated layer that follows
+    #    the detected composer, the default FX chain
+    r = render_file(args.clip, out / "rendered.wav", preset=preset, classifier=classifier, generator=generator,
+                    layer="auto", level_db=preset.generator.get("layer_db", -12.0), seed=0, timeline_png=True,
+                    force=True, progress=False)
+    t_render = time.perf_counter() - t0
+    top = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])
+    a, b = top[0][0], top[1][0]
+    # 2. ~10 s of new audio morphing from the leading composer to the second
+    t1 = time.perf_counter()
+    synth = StyleSynth(generator)
+    synth.set_target(a)
+    synth.start(0)
+    y = synth.render(int(args.seconds * synth.sr), sweep=(a, b, 1.0))
+    write_audio(out / "generated.wav", y, synth.sr, force=True)
+    t_gen = time.perf_counter() - t1
+    spectrograms_png(out / "spectrograms.png", [(f"{Path(args.clip).name} rendered (clip + generated layer + FX)",
+                                                 out / "rendered.wav"),
+                                                (f"generated: {a} → {b} ({args.seconds:g} s)", out / "generated.wav")])
+    m = classifier.card.metrics.get("test", {})
+    summary = {"clip": str(args.clip), "seconds": r["seconds"], "composer": r["composer"],
+               "top": [{"composer": k, "probability": v} for k, v in top[:3]], "windows": r["windows"],
+               "layer_composers": r["layer_composers"], "morph": {"from": a, "to": b, "seconds": args.seconds},
+               "classifier": {"name": classifier.card.name, "test_metrics": m},
+               "generator": {"name": generator.card.name, "metrics": generator.card.metrics},
+               "render_x_realtime": r["x_realtime"], "render_seconds": round(t_render, 2),
+               "generate_seconds": round(t_gen, 2), "generate_x_realtime": round(args.seconds / t_gen, 1),
+               "outputs": ["rendered.wav", "rendered.timeline.json", "rendered.timeline.png", "generated.wav",
+                           "spectrograms.png", "summary.json"]}
     with atomic_output(out / "summary.json", force=True) as tmp:
         tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"tarab demo — {Path(args.clip).name} ({r.seconds:.1f} s, {r.windows} windows of "
-          f"{bundle.card.window_frames * bundle.card.hop_length / bundle.card.sr:.1f} s at {r.estimator.rate_hz:.2f} Hz)")
-    for i in order[:3]:
-        print(f"  {r.labels[i]:<20} {r.probabilities[i]:.3f}")
-    m = bundle.card.metrics.get("test", {})
+    print(f"tarab demo — {Path(args.clip).name} ({r['seconds']:.1f} s, {r['windows']} rolling estimates)")
+    for k, v in top[:3]:
+        print(f"  {k:<20} {v:.3f}")
     if m:
-        print(f"model {bundle.card.name}: piece-level test accuracy {m.get('piece_accuracy', 0):.1%} "
-              f"(window {m.get('window_accuracy', 0):.1%})")
-    print(f"classified in {t_cls:.2f} s; wrote {out}/timeline.png and {out}/summary.json")
+        print(f"  (classifier {classifier.card.name}: piece-level test accuracy {m.get('piece_accuracy', 0):.1%}, "
+              f"window {m.get('window_accuracy', 0):.1%} — a weak judge; see README)")
+    print(f"rendered the clip + a generated layer ({', '.join(r['layer_composers']) or 'none'}) through preset "
+          f"'default' at {r['x_realtime']:.0f}× real time")
+    print(f"generated {args.seconds:g} s morphing {a} → {b} in {t_gen:.1f} s ({args.seconds / t_gen:.0f}× real time)")
+    print(f"wrote {out}/: " + ", ".join(summary["outputs"]))
     return 0
 
 
@@ -335,5 +361,7 @@ def _register_demo(sub) -> None:
     s = sub.add_parser("demo", help="run the main job on the shipped model and demo clip → demo-out/")
     s.add_argument("--clip", type=Path, default=DEMO_CLIP, help="audio file (default: the shipped demo clip)")
     s.add_argument("--model", type=Path, default=None, help="classifier bundle (default: the shipped one)")
+    s.add_argument("--generator", type=Path, default=None, help="generator bundle (default: the shipped one)")
+    s.add_argument("--seconds", type=float, default=10.0, help="length of the generated morph [s] (default 10)")
     s.add_argument("-o", "--output", type=Path, default=Path("demo-out"), help="output folder (default demo-out/)")
     s.set_defaults(func=cmd_demo)

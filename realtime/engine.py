@@ -26,6 +26,8 @@ from .units import MAX_BLOCK, MIN_BLOCK, Unit
 
 log = logging.getLogger(__name__)
 
+SWITCH_INTERVAL_S = 0.001
+
 __all__ = ["AudioEngine", "EngineStats", "DEFAULT_SR", "DEFAULT_BLOCK"]
 
 DEFAULT_SR = 22050
@@ -146,6 +148,10 @@ class AudioEngine:
             Unknown device, unsupported rate/channels, no audio server.
         """
         input_device, output_device, host_api = self._spec
+        # The callback needs the GIL; a busy worker holds it up to the switch interval (5 ms by
+        # default, almost half a 256-sample period). 1 ms bounds that wait.
+        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.devices = AudioDevices(host_api)
         try:
             self.input_device = self.devices.resolve(input_device, "input")

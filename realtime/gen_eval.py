@@ -149,6 +149,17 @@ def evaluate_generation(data_dir=None, *, generator=None, classifier=None, clips
     bar.close()
     style_acc = style_hits / (clips * len(labels))
 
+    # -- the judge on real held-out audio of the same length (the ceiling style accuracy can reach)
+    real_hits, real_n = 0, 0
+    clip_frames = max(W, int(seconds * card.sr / card.hop_length))
+    for it in test_items:
+        X = feats[it.path]
+        for a in range(0, X.shape[1] - clip_frames + 1, clip_frames)[:2]:
+            S = np.power(10.0, X[:, a:a + clip_frames].astype(np.float32) / 10.0)
+            real_hits += int(np.argmax(judge.probs(S).mean(0)) == labels.index(it.label))
+            real_n += 1
+    real_acc = real_hits / max(1, real_n)
+
     # -- realism -------------------------------------------------------------------------------
     rng = np.random.default_rng(0)
     pieces = sorted({it.piece for it in test_items})
@@ -253,33 +264,19 @@ def evaluate_generation(data_dir=None, *, generator=None, classifier=None, clips
     if plots is not None:
         _example_pngs(Path(plots), gen_mel, labels, card)
     return {"style_accuracy": style_acc, "style_per_composer": style_table, "clips_per_composer": clips,
+            "judge_accuracy_on_real_clips": real_acc, "real_clips": real_n,
             "clip_seconds": seconds, "realism": realism, "reconstruction": recon, "novelty": novelty,
             "morph": morph_res, "generator": card.name, "classifier": judge.card.name}
 
 
 def _example_pngs(out: Path, gen_mel: dict, labels, card) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from .atomic import atomic_output
+    from .plots import mel_panels_png
 
     out.mkdir(parents=True, exist_ok=True)
-    show = labels[:4]
-    fig, axes = plt.subplots(len(show), 1, figsize=(9, 2.2 * len(show)), sharex=True)
-    for ax, lab in zip(np.atleast_1d(axes), show):
-        S = log_mel(gen_mel[(lab, 0)])
-        t = S.shape[1] * card.hop_length / card.sr
-        ax.imshow(S, origin="lower", aspect="auto", extent=(0, t, 0, card.n_mels), vmin=S.max() - 80, vmax=S.max(),
-                  cmap="magma")
-        ax.set_ylabel("mel band")
-        ax.set_title(f"generated: {lab} (seed 0), re-analysed log-mel", fontsize=9)
-    np.atleast_1d(axes)[-1].set_xlabel("time [s]")
-    fig.tight_layout()
+    panels = [(f"generated: {lab} (seed 0), re-analysed log-mel", gen_mel[(lab, 0)]) for lab in labels[:4]]
     with atomic_output(out / "generated_examples.png", force=True) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+        mel_panels_png(tmp, panels, card.sr, card.hop_length)
 
 
 def print_report(r: dict, f) -> None:
@@ -288,6 +285,7 @@ def print_report(r: dict, f) -> None:
     p(f"style accuracy: {r['style_accuracy']:.1%} ({r['clips_per_composer']} clips × {r['clip_seconds']:.0f} s per composer)")
     for k, v in r["style_per_composer"].items():
         p(f"  {k:<20} {v:.0%}")
+    p(f"  (the same judge on {r['real_clips']} real held-out clips of that length: {r['judge_accuracy_on_real_clips']:.1%})")
     for name, v in (("log-mel frames", r["realism"]["logmel_frames"]),
                     ("classifier embeddings", r["realism"]["classifier_embeddings"])):
         p(f"realism ({name}): FD generated-vs-real {v['generated_vs_real']:.1f}, real-vs-real {v['real_vs_real']:.1f} "

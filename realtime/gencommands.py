@@ -31,10 +31,13 @@ def cmd_generate(args) -> int:
         raise ParameterError(f"--seconds must be in (0, 3600], got {args.seconds}")
     synth.set_target(args.composer, args.to, args.mix, args.temperature)
     out = check_audio_path(args.output, args.force)
+    if args.sweep and args.to is None:
+        raise ParameterError("--sweep needs --to (the composer to morph toward)")
     synth.start(args.seed)
-    y = synth.render(int(round(args.seconds * synth.sr)), progress=not args.json)
+    y = synth.render(int(round(args.seconds * synth.sr)), progress=not args.json,
+                     sweep=(args.composer, args.to, args.mix if args.mix > 0 else 1.0) if args.sweep else None)
     write_audio(out, y, synth.sr, force=args.force)
-    summary = {"output": str(out), "composer": args.composer, "to": args.to, "mix": args.mix,
+    summary = {"output": str(out), "composer": args.composer, "to": args.to, "mix": args.mix, "sweep": args.sweep,
                "temperature": args.temperature, "seed": args.seed, "seconds": round(len(y) / synth.sr, 3),
                "sr": synth.sr, "peak": round(float(abs(y).max()), 4)}
     print(json.dumps(summary) if args.json else
@@ -87,6 +90,7 @@ def register(sub) -> None:
     s.add_argument("--to", default=None, help="second composer to morph toward")
     s.add_argument("--mix", type=float, default=0.0, help="0 = --composer, 1 = --to (default 0)")
     s.add_argument("--seconds", type=float, default=10.0, help="length [s] (default 10)")
+    s.add_argument("--sweep", action="store_true", help="morph during the clip: mix goes from 0 to --mix (or 1)")
     s.add_argument("--temperature", type=float, default=1.0, help="latent spread: 0 = the composer's centre (default 1)")
     s.add_argument("--seed", type=int, default=0, help="same seed, same audio (default 0)")
     s.add_argument("--iterations", type=int, default=16, help="fast Griffin-Lim iterations per block (default 16)")
@@ -198,7 +202,7 @@ def cmd_play(args) -> int:
     rec = Recorder(seconds=30.0) if args.record is not None else None
     unit = Chain([chain, rec]) if rec is not None else chain
     port = args.midi or preset.midi.get("port")
-    midi = MidiInput(inst.handle, port=port, virtual=port is None, name=args.midi_name)
+    midi = MidiInput(inst.handle, port=port, virtual=port is None, name=args.midi_name, on_idle=inst.apply)
     inst.start()
     engine = _engine_from_args(unit, args)
     try:

@@ -174,14 +174,24 @@ class StyleSynth:
         """End the phrase: the remaining samples (the phase reconstructor's lookahead)."""
         return self.phase.flush()
 
-    def render(self, n_samples: int, progress: bool = False) -> np.ndarray:
-        """Exactly ``n_samples`` of audio from the current phrase and targets (offline)."""
+    def render(self, n_samples: int, progress: bool = False, sweep=None) -> np.ndarray:
+        """Exactly ``n_samples`` of audio from the current phrase and targets (offline).
+
+        ``sweep=(composer_a, composer_b, mix_end)`` moves the mix from 0 to ``mix_end`` across
+        the clip (one step per decoded window), keeping the current temperature.
+        """
         from tqdm import tqdm
 
         n_samples = check_range("n_samples", n_samples, 1, None, kind=int)
+        step_len = self.half * self.hop
         parts, got = [], 0
-        with tqdm(total=n_samples, unit="sample", unit_scale=True, disable=None if progress else True, leave=False) as bar:
+        with tqdm(total=n_samples, unit="sample", unit_scale=True, disable=None if progress else True,
+                  leave=False) as bar:
             while got < n_samples:
+                if sweep is not None:
+                    a, b, end = sweep
+                    self.set_target(a, b, float(end) * min(1.0, got / max(1, n_samples - step_len)),
+                                    self._temperature, self._transpose)
                 y = self.step()
                 parts.append(y)
                 got += len(y)
@@ -198,6 +208,9 @@ class Generator:
         Generator bundle (None = the shipped one).
     ahead_s : float
         Audio decoded ahead of the reader [s].
+    decode_lock : threading.Lock or None
+        Shared by several generators (the voices of ``tarab play``) so that one decodes at a
+        time: fewer threads compete with the audio callback for the GIL and the cores.
     **synth : settings of :class:`StyleSynth`.
 
     Examples
@@ -209,7 +222,7 @@ class Generator:
     ...     block = g.render(256)   # in the audio callback: never waits
     """
 
-    def __init__(self, bundle=None, *, ahead_s: float = 1.0, max_block: int = 8192, **synth):
+    def __init__(self, bundle=None, *, ahead_s: float = 1.0, max_block: int = 8192, decode_lock=None, **synth):
         if not isinstance(bundle, Bundle):
             bundle = load_generator(bundle)
         self.synth = StyleSynth(bundle, **synth)
@@ -231,6 +244,7 @@ class Generator:
         self.decoded_samples = 0
         self._stop = threading.Event()
         self._thread = None
+        self._decode_lock = decode_lock if decode_lock is not None else threading.Lock()
         self.set_target(self.labels[0])
         self.synth.step()  # warm the model and the kernels before any stream starts
         self.synth.start(0)
@@ -312,20 +326,22 @@ class Generator:
                 if req == 0:
                     self._stop.wait(0.002)
                     continue
-                if self._gen[0] != req:
-                    synth.start(seed)
-                    self._target_seen = None
-                    self._gen = (req, self.ring.written)
-                if self._target is not self._target_seen:
-                    t = self._target
-                    synth.set_target(*t)
-                    self._target_seen = t
-                if self.ring.written - max(self.ring.read, self._gen[1]) >= self.ahead:
+                if self._gen[0] == req and self.ring.written - max(self.ring.read, self._gen[1]) >= self.ahead:
                     self._stop.wait(0.002)
                     continue
-                t0 = time.perf_counter()
-                y = synth.step()
-                self.decode_seconds += time.perf_counter() - t0
+                with self._decode_lock:
+                    req, seed = self._trig  # the newest request, after waiting for the lock
+                    if self._gen[0] != req:
+                        synth.start(seed)
+                        self._target_seen = None
+                        self._gen = (req, self.ring.written)
+                    if self._target is not self._target_seen:
+                        t = self._target
+                        synth.set_target(*t)
+                        self._target_seen = t
+                    t0 = time.perf_counter()
+                    y = synth.step()
+                    self.decode_seconds += time.perf_counter() - t0
                 self.decoded_samples += len(y)
                 if self._trig[0] == req and len(y):  # a trigger while decoding: drop this chunk
                     self.ring.write(y[None])

@@ -61,13 +61,20 @@ class JackProbe:
     offset between the two is the round-trip latency of whatever sits between them.
     """
 
-    def __init__(self, name: str = "tarab-probe"):
+    def __init__(self, name: str = "tarab-probe", midi: bool = False):
         import jack
 
         self.jack = jack
         self.client = jack.Client(name, no_start_server=True)
         self.out = self.client.outports.register("inject")
         self.inp = self.client.inports.register("capture")
+        # MIDI events sent from the same process callback: their sample positions share the
+        # capture's clock, so note → sound latency is measured in samples
+        self.midi_out = self.client.midi_outports.register("midi") if midi else None
+        self._events = []
+        self._ev = 0
+        self.midi_sent = 0
+        self.midi_dropped = 0
         self.sr = self.client.samplerate
         self.blocksize = self.client.blocksize
         self._sig = np.zeros(0, np.float32)
@@ -87,10 +94,21 @@ class JackProbe:
 
     def _process(self, frames):
         out = self.out.get_array()
+        if self.midi_out is not None:
+            self.midi_out.clear_buffer()
         if not self._armed:
             out.fill(0.0)
             return
         p = self._pos
+        if self.midi_out is not None:
+            ev = self._events
+            while self._ev < len(ev) and ev[self._ev][0] < p + frames:
+                try:
+                    self.midi_out.write_midi_event(max(0, ev[self._ev][0] - p), ev[self._ev][1])
+                    self.midi_sent += 1
+                except self.jack.JackError:
+                    self.midi_dropped += 1
+                self._ev += 1
         n = max(0, min(frames, self._sig.size - p))
         out[:n] = self._sig[p:p + n]
         out[n:] = 0.0
@@ -115,8 +133,20 @@ class JackProbe:
         self.client.connect(self.out, pin)
         self.client.connect(pout, self.inp)
 
-    def play_and_record(self, signal: np.ndarray, record_samples: int, timeout: float = 60.0) -> np.ndarray:
-        """Inject ``signal`` and record ``record_samples`` from the same cycle on; returns the capture."""
+    def connect_midi(self, port_pattern: str) -> None:
+        """Connect the probe's MIDI output to the first MIDI input port matching the pattern."""
+        ports = self.client.get_ports(port_pattern, is_midi=True, is_input=True)
+        if not ports:
+            raise RuntimeError(f"no JACK MIDI input port matches {port_pattern!r}")
+        self.client.connect(self.midi_out, ports[0])
+
+    def play_and_record(self, signal: np.ndarray, record_samples: int, timeout: float = 60.0,
+                        midi=()) -> np.ndarray:
+        """Inject ``signal`` (and the MIDI events ``[(sample, bytes), ...]``) and record
+        ``record_samples`` from the same cycle on; returns the capture."""
+        self._events = sorted(((int(t), bytes(b)) for t, b in midi), key=lambda e: e[0])
+        self._ev = 0
+        self.midi_sent = self.midi_dropped = 0
         self._sig = np.ascontiguousarray(signal, np.float32)
         self._cap = np.zeros(record_samples, np.float32)
         self._pos = 0

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MidiInput", "MidiError", "QUEUE_SIZE"]
 
-QUEUE_SIZE = 4096
+QUEUE_SIZE = 32768
 
 
 class MidiError(TarabError):
@@ -48,6 +48,8 @@ class MidiInput:
     ----------
     handler : callable(mido.Message)
         Called in the polling thread.
+    on_idle : callable() or None
+        Called in the polling thread whenever the queue is empty (apply coalesced changes).
     port : str or None
         Connect to the first input port whose name contains this text; None with ``virtual``.
     virtual : bool
@@ -57,11 +59,12 @@ class MidiInput:
     """
 
     def __init__(self, handler, *, port: str | None = None, virtual: bool = True, name: str = "tarab-midi-in",
-                 api: str | None = None, poll_s: float = 0.0005):
+                 api: str | None = None, poll_s: float = 0.0005, on_idle=None):
         _native_logs.install()
         import rtmidi
 
         self.handler = handler
+        self.on_idle = on_idle  # called when the queue is drained (coalesce controller updates)
         self.received = 0
         self.malformed = 0
         self.ignored = 0
@@ -114,6 +117,12 @@ class MidiInput:
         while not self._stop.is_set():
             got = get()
             if got is None:
+                if self.on_idle is not None:
+                    try:
+                        self.on_idle()
+                    except Exception as e:
+                        self.errors += 1
+                        self.last_error = f"{type(e).__name__}: {e}"
                 time.sleep(self.poll_s)
                 continue
             data, _ = got

@@ -26,10 +26,12 @@ from numba import njit
 
 from models.errors import ParameterError
 
+from .units import Unit
+
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MidiMap", "Voice", "Instrument", "VoiceMixer", "build_player"]
+__all__ = ["MidiMap", "Voice", "Instrument", "VoiceMixer", "SoftClip", "build_player"]
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -139,6 +141,7 @@ class Instrument:
                        "other": 0}
         self.last_cc = {}
         self._seed = 0
+        self._dirty = False
         self._lock = threading.Lock()  # MIDI thread vs. the display (never the audio thread)
 
     # ---- helpers -----------------------------------------------------------------------------
@@ -191,11 +194,11 @@ class Instrument:
                 self.last_cc[msg.control] = msg.value
                 if msg.control == self.map.mix_cc:
                     self.mix = msg.value / 127.0
-                    self._retarget_all()
+                    self._dirty = True
                 elif msg.control == self.map.temperature_cc:
                     m = self.map
                     self.temperature = m.temperature_min + (m.temperature_max - m.temperature_min) * msg.value / 127.0
-                    self._retarget_all()
+                    self._dirty = True
                 elif msg.control == self.map.sustain_cc:
                     self.sustain = msg.value >= 64
                     if not self.sustain:
@@ -205,7 +208,7 @@ class Instrument:
             elif kind == "pitchwheel":
                 self.counts["pitchwheel"] += 1
                 self.transpose = msg.pitch / 8192.0 * self.map.bend_semitones
-                self._retarget_all()
+                self._dirty = True
             elif kind == "program_change":
                 self.counts["program_change"] += 1
                 if self.boards and self.fx_unit is not None:
@@ -223,10 +226,16 @@ class Instrument:
         for v in self.voices:
             v.gen.stop()
 
-    def _retarget_all(self) -> None:
-        for v in self.voices:
-            if v.composer:
-                self._retarget(v)
+    def apply(self) -> None:
+        """Send coalesced controller changes to the voices (the MIDI thread calls this when its
+        queue is empty, so a burst of controller messages costs one update)."""
+        if not self._dirty:
+            return
+        with self._lock:
+            self._dirty = False
+            for v in self.voices:
+                if v.composer:
+                    self._retarget(v)
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -276,6 +285,21 @@ class VoiceMixer:
         return acc
 
 
+class SoftClip(Unit):
+    """The last stage of ``tarab play``: a soft knee above 0.75 that never reaches full scale,
+    so neither the voices nor an FX chain's overshoot (a limiter's attack) can clip the output."""
+
+    def process(self, block, out=None):
+        n = block.shape[1]
+        if out is None:
+            out = block.copy()
+        else:
+            out[:, :n] = block
+        for c in range(out.shape[0]):
+            _soft_clip(out[c], n, 1.0)
+        return out[:, :n]
+
+
 def build_player(preset, generator_bundle, *, sr: int, block_size: int, channels: int = 1):
     """Voices, instrument and the engine's unit chain for ``tarab play``.
 
@@ -289,8 +313,9 @@ def build_player(preset, generator_bundle, *, sr: int, block_size: int, channels
     g = preset.generator
     labels = list(generator_bundle.card.labels)
     mm = MidiMap.from_preset(preset, labels)
-    voices = [Voice(Generator(generator_bundle, ahead_s=g.get("ahead_s", 0.3), n_iter=g.get("iterations", 16)))
-              for _ in range(mm.voices)]
+    lock = threading.Lock()  # one voice decodes at a time (see Generator)
+    voices = [Voice(Generator(generator_bundle, ahead_s=g.get("ahead_s", 0.3), n_iter=g.get("iterations", 16),
+                              decode_lock=lock)) for _ in range(mm.voices)]
     boards = [load_preset(name).build_fx() for name in mm.programs] if mm.programs else []
     board = boards[0] if boards else preset.build_fx()
     inst = Instrument(voices, mm, generator_bundle.card.sr, boards=boards, temperature=g.get("temperature", 1.0))
@@ -298,5 +323,5 @@ def build_player(preset, generator_bundle, *, sr: int, block_size: int, channels
     fx = FxUnit(board)
     inst.fx_unit = fx
     inst.mixer = mixer
-    chain = Chain([LayerUnit(mixer, 0.0, replace=True), fx])
+    chain = Chain([LayerUnit(mixer, 0.0, replace=True), fx, SoftClip()])
     return inst, chain

@@ -243,6 +243,9 @@ def render_file(in_path, out_path, *, preset, classifier, generator=None, layer:
         source = SyncSource(StyleSynth(generator))
         if layer != "auto":
             source.synth.composer_index(layer)
+        elif list(generator.card.labels) != list(classifier.card.labels):
+            raise ParameterError("--layer auto needs a generator that knows the classifier's composers "
+                                 f"({', '.join(classifier.card.labels)})")
     unit = ClassifierUnit(classifier.card)
     board = preset.build_fx()
     chain = build_chain(unit, layer_source=source, level_db=level_db, board=board).prepare(sr, block, channels)
