@@ -9,17 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .mel import _best as _best_of
+
 REPO = Path(__file__).resolve().parent.parent
 CLIP = REPO / "realtime" / "clips" / "demo.ogg"
-
-
-def _best_of(fn, repeat=3):
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def run_decoding(seconds: float = 30.0) -> dict:
@@ -42,7 +35,7 @@ def run_decoding(seconds: float = 30.0) -> dict:
         synth.render(n)
 
     gen()
-    t_gen = _best_of(gen)
+    t_gen = _best_of(gen, 3)
     y = load_audio(CLIP, sr)[: int(20 * sr)]
     S = stft_magnitude(y)
     audio_s = len(y) / sr
@@ -54,7 +47,7 @@ def run_decoding(seconds: float = 30.0) -> dict:
         ours.y = np.concatenate(out)
 
     ours()
-    t_ours = _best_of(ours)
+    t_ours = _best_of(ours, 3)
     t_gl = _best_of(lambda: librosa.griffinlim(S, n_iter=32, hop_length=512, n_fft=2048, center=False, momentum=0.0),
                     repeat=1)
     gl = librosa.griffinlim(S, n_iter=32, hop_length=512, n_fft=2048, center=False, momentum=0.0)

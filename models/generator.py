@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .bundle import Card, quiet_jit, save_bundle
-from .data import FeatureCache, WindowSet, describe, save_split, scan_dataset, split_pieces
+from .data import WindowSet, describe
 from .errors import BundleError, DataError, ParameterError
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
 
     from tqdm import tqdm
 
-    from .train import SYMBTR_LICENCE, _atomic_torch_save
+    from .train import SYMBTR_LICENCE, _atomic_torch_save, band_stats, load_split_features
 
     cfg = config or GenConfig()
     cfg.validate()
@@ -199,25 +199,15 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    items = items if items is not None else scan_dataset(data_dir)
-    labels = sorted({it.label for it in items})
-    split = split_pieces(items, cfg.seed, cfg.val_frac, cfg.test_frac)
-    save_split(split, work / "split.json")
-    by_set = {k: [it for it in items if it.piece in set(split[k])] for k in ("train", "val", "test")}
-    cache = FeatureCache(data_dir, cache_dir or Path.home() / ".cache" / "tarab" / "features", featurizer, mel_config)
-    feats, skipped = cache.load_all(items, progress=progress)
-    if not feats:
-        raise DataError(f"{data_dir}: no readable audio files")
+    items, labels, split, by_set, feats, skipped = load_split_features(
+        data_dir, work, items, cfg.seed, cfg.val_frac, cfg.test_frac, featurizer, mel_config, cache_dir, progress)
     wtrain = WindowSet(by_set["train"], feats, labels, cfg.frames, cfg.hop_frames)
     wval = WindowSet(by_set["val"], feats, labels, cfg.frames, cfg.frames)
     wtest = WindowSet(by_set["test"], feats, labels, cfg.frames, cfg.frames)
     for name, ws in (("train", wtrain), ("validation", wval), ("test", wtest)):
         if len(ws) == 0:
             raise DataError(f"the {name} split has no windows")
-    rng = np.random.default_rng(cfg.seed)
-    sample = np.stack([wtrain.window(j) for j in rng.choice(len(wtrain), min(len(wtrain), 400), replace=False)])
-    mean = torch.tensor(sample.mean(axis=(0, 2)))
-    std = torch.tensor(sample.std(axis=(0, 2)) + 1e-3)
+    mean, std = band_stats(wtrain, cfg.seed)
     mean_n, std_n = mean.numpy()[None, :, None], std.numpy()[None, :, None]
     n_mels = int(mel_config["n_mels"])
     vae = StyleVAE(n_mels, cfg.frames, cfg.latent, len(labels), cfg.cond, cfg.channels)

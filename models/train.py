@@ -149,6 +149,32 @@ def evaluate_windows(predict, wset: WindowSet, batch_size: int = 64) -> dict:
     }
 
 
+def load_split_features(data_dir, work, items, seed, val_frac, test_frac, featurizer, mel_config, cache_dir,
+                        progress):
+    """Scan (unless ``items`` is given), split by piece, save the split in ``work`` (if not None),
+    load the cached features. Returns ``(items, labels, split, by_set, feats, skipped)``."""
+    items = items if items is not None else scan_dataset(data_dir)
+    labels = sorted({it.label for it in items})
+    split = split_pieces(items, seed, val_frac, test_frac)
+    if work is not None:
+        save_split(split, work / "split.json")
+    by_set = {k: [it for it in items if it.piece in set(split[k])] for k in ("train", "val", "test")}
+    cache = FeatureCache(data_dir, cache_dir or Path.home() / ".cache" / "tarab" / "features", featurizer, mel_config)
+    feats, skipped = cache.load_all(items, progress=progress)
+    if not feats:
+        raise DataError(f"{data_dir}: no readable audio files")
+    return items, labels, split, by_set, feats, skipped
+
+
+def band_stats(wset, seed: int, n: int = 400):
+    """Per-band mean and std (torch tensors) of a deterministic subsample of training windows."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    sample = np.stack([wset.window(j) for j in rng.choice(len(wset), min(len(wset), n), replace=False)])
+    return torch.tensor(sample.mean(axis=(0, 2))), torch.tensor(sample.std(axis=(0, 2)) + 1e-3)
+
+
 def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfig | None = None,
           cache_dir=None, resume: bool = False, force: bool = False, progress: bool = True,
           items=None) -> dict:
@@ -198,16 +224,9 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
 
     torch.manual_seed(cfg.seed + rank)
     t_start = time.time()
-    items = items if items is not None else scan_dataset(data_dir)
-    labels = sorted({it.label for it in items})
-    split = split_pieces(items, cfg.seed, cfg.val_frac, cfg.test_frac)
-    if rank == 0:
-        save_split(split, work / "split.json")
-    by_set = {k: [it for it in items if it.piece in set(split[k])] for k in ("train", "val", "test")}
-    cache = FeatureCache(data_dir, cache_dir or Path.home() / ".cache" / "tarab" / "features", featurizer, mel_config)
-    feats, skipped = cache.load_all(items, progress=progress and rank == 0)
-    if not feats:
-        raise DataError(f"{data_dir}: no readable audio files")
+    items, labels, split, by_set, feats, skipped = load_split_features(
+        data_dir, work if rank == 0 else None, items, cfg.seed, cfg.val_frac, cfg.test_frac, featurizer, mel_config,
+        cache_dir, progress and rank == 0)
     t_feats = time.time() - t_start
     if cfg.leaky_window_split:
         # The paper's protocol, for comparison only: windows of one piece land in train AND test.
@@ -225,11 +244,7 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
             raise DataError(f"the {name} split has no windows")
     log.info("windows: train %d, val %d, test %d", len(wtrain), len(wval), len(wtest))
 
-    # per-band normalisation from training windows (deterministic subsample)
-    rng = np.random.default_rng(cfg.seed)
-    sample = np.stack([wtrain.window(j) for j in rng.choice(len(wtrain), min(len(wtrain), 400), replace=False)])
-    mean = torch.tensor(sample.mean(axis=(0, 2)))
-    std = torch.tensor(sample.std(axis=(0, 2)) + 1e-3)
+    mean, std = band_stats(wtrain, cfg.seed)
 
     n_mels = mel_config["n_mels"]
     net = build_net(cfg.arch, len(labels), n_mels, cfg.window_frames)

@@ -11,7 +11,7 @@ from models.errors import ParameterError, TarabError
 
 from .atomic import atomic_output, check_writable
 
-__all__ = ["FORMATS", "check_audio_path", "write_audio", "AudioWriter"]
+__all__ = ["FORMATS", "check_audio_path", "write_audio", "AudioWriter", "peak_safe"]
 
 FORMATS = {".wav": ("WAV", "FLOAT"), ".flac": ("FLAC", "PCM_24"), ".ogg": ("OGG", "VORBIS"),
            ".aiff": ("AIFF", "FLOAT"), ".aif": ("AIFF", "FLOAT"), ".mp3": ("MP3", "MPEG_LAYER_III")}
@@ -81,3 +81,13 @@ def write_audio(path, y: np.ndarray, sr: int, force: bool = False) -> Path:
     with AudioWriter(path, sr, 1 if y.ndim == 1 else y.shape[1], force) as w:
         w.write(y)
     return w.path
+
+
+def peak_safe(y: np.ndarray, ceiling_db: float = -1.0) -> tuple[np.ndarray, float]:
+    """Scale a whole clip down so its peak is at most ``ceiling_db`` dBFS; returns (clip, gain dB ≤ 0)."""
+    peak = float(np.max(np.abs(y))) if y.size else 0.0
+    ceiling = 10.0 ** (ceiling_db / 20.0)
+    if peak <= ceiling:
+        return y, 0.0
+    g = ceiling / peak
+    return (y * g).astype(np.float32), float(20.0 * np.log10(g))

@@ -299,7 +299,7 @@ def cmd_demo(args) -> int:
     import torch
 
     from .atomic import atomic_output
-    from .audiofile import write_audio
+    from .audiofile import peak_safe, write_audio
     from .classify import load_classifier
     from .generate import StyleSynth, load_generator
     from .plots import spectrograms_png
@@ -326,7 +326,7 @@ def cmd_demo(args) -> int:
     synth = StyleSynth(generator)
     synth.set_target(a)
     synth.start(0)
-    y = synth.render(int(args.seconds * synth.sr), sweep=(a, b, 1.0))
+    y, _ = peak_safe(synth.render(int(args.seconds * synth.sr), sweep=(a, b, 1.0)))
     write_audio(out / "generated.wav", y, synth.sr, force=True)
     t_gen = time.perf_counter() - t1
     spectrograms_png(out / "spectrograms.png", [(f"{Path(args.clip).name} rendered (clip + generated layer + FX)",

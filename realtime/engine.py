@@ -10,6 +10,7 @@ thread logs them. Xruns are counted from PortAudio's status flags.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import sys
@@ -186,6 +187,15 @@ class AudioEngine:
         self._continue = pa.paContinue
         self.unit.prepare(self.sr, self.block_size, self.in_channels)
         self._warm_up()
+        # A full garbage collection of a big heap stops every Python thread for tens of ms, the
+        # callback included. Collect now, and move what exists to the permanent generation so
+        # later collections only scan objects made after the stream started.
+        # While the stream runs, automatic collection is off (cycles wait until stop()).
+        gc.collect()
+        gc.freeze()
+        if gc.isenabled():
+            gc.disable()
+            self._gc_was_enabled = True
 
     def _warm_up(self) -> None:
         """Run the callback path once on silence so kernels are compiled before the stream."""
@@ -197,12 +207,18 @@ class AudioEngine:
             self.unit.set_warm_up(False)
         self.unit.reset()
 
+    def _restore_gc(self) -> None:
+        if getattr(self, "_gc_was_enabled", False):
+            self._gc_was_enabled = False
+            gc.enable()
+
     def stop(self) -> None:
         """Stop and close the stream and release PortAudio (safe to call twice).
 
         After the audio server vanished, PortAudio's close would wait forever for it, so the
         stream is abandoned instead (the process is about to exit or reopen anyway).
         """
+        self._restore_gc()
         if self.stop_reason == "server-lost":
             log.debug("audio server lost: abandoning the stream without closing it")
             ABANDONED.append((self.stream, self.devices))  # never collected: their dealloc would hang

@@ -11,7 +11,7 @@ from models.errors import ParameterError
 
 
 def cmd_generate(args) -> int:
-    from .audiofile import check_audio_path, write_audio
+    from .audiofile import check_audio_path, peak_safe, write_audio
     from .generate import StyleSynth, load_generator
 
     bundle = load_generator(args.model)
@@ -36,13 +36,15 @@ def cmd_generate(args) -> int:
     synth.start(args.seed)
     y = synth.render(int(round(args.seconds * synth.sr)), progress=not args.json,
                      sweep=(args.composer, args.to, args.mix if args.mix > 0 else 1.0) if args.sweep else None)
+    y, gain_db = peak_safe(y)  # the decoder's transients can exceed full scale: no clipped files
     write_audio(out, y, synth.sr, force=args.force)
-    summary = {"output": str(out), "composer": args.composer, "to": args.to, "mix": args.mix, "sweep": args.sweep,
+    summary = {"gain_db": round(gain_db, 2), "output": str(out), "composer": args.composer, "to": args.to, "mix": args.mix, "sweep": args.sweep,
                "temperature": args.temperature, "seed": args.seed, "seconds": round(len(y) / synth.sr, 3),
                "sr": synth.sr, "peak": round(float(abs(y).max()), 4)}
     print(json.dumps(summary) if args.json else
           f"wrote {out}: {summary['seconds']} s of {args.composer}"
-          + (f" → {args.to} (mix {args.mix})" if args.to else "") + f", seed {args.seed}")
+          + ((f" → {args.to} (mix sweeping 0 → {args.mix if args.mix > 0 else 1.0:g})" if args.sweep
+              else f" → {args.to} (mix {args.mix:g})") if args.to else "") + f", seed {args.seed}")
     return 0
 
 
@@ -93,7 +95,7 @@ def register(sub) -> None:
     s.add_argument("--sweep", action="store_true", help="morph during the clip: mix goes from 0 to --mix (or 1)")
     s.add_argument("--temperature", type=float, default=1.0, help="latent spread: 0 = the composer's centre (default 1)")
     s.add_argument("--seed", type=int, default=0, help="same seed, same audio (default 0)")
-    s.add_argument("--iterations", type=int, default=16, help="fast Griffin-Lim iterations per block (default 16)")
+    s.add_argument("--iterations", type=int, default=12, help="fast Griffin-Lim iterations per block (default 12)")
     s.add_argument("-o", "--output", type=Path, default=None, help="audio file (.wav .flac .ogg .aiff .mp3)")
     s.add_argument("--model", type=Path, default=None, help="generator bundle (default: the shipped one)")
     s.add_argument("--force", action="store_true", help="overwrite OUTPUT")

@@ -69,7 +69,7 @@ class StyleSynth:
         Correlation of successive latents: higher = slower change.
     """
 
-    def __init__(self, bundle: Bundle, *, n_iter: int = 16, momentum: float = 0.99, lookahead: int = 4,
+    def __init__(self, bundle: Bundle, *, n_iter: int = 12, momentum: float = 0.99, lookahead: int = 4,
                  rho: float = DEFAULT_RHO):
         import librosa
         import torch

@@ -36,38 +36,35 @@ def _synth_pair(cre, cim, t0, t1, window, bitrev, tw_re, tw_im, wre, wim, sig, p
     """sig[t*hop : t*hop + n] += window * irfft(C_t) for frames t0 and t1 (t1 < 0: none)."""
     n = window.shape[0]
     m = n // 2
-    for k in range(n):
-        if k <= m:
-            ar = cre[t0, k]
-            ai = cim[t0, k]
-            if t1 >= 0:
-                br = cre[t1, k]
-                bi = cim[t1, k]
-            else:
-                br = 0.0
-                bi = 0.0
-        else:
-            ar = cre[t0, n - k]
-            ai = -cim[t0, n - k]
-            if t1 >= 0:
-                br = cre[t1, n - k]
-                bi = -cim[t1, n - k]
-            else:
-                br = 0.0
-                bi = 0.0
-        # Y = A + iB; fft(conj(Y)) then conj / n gives ifft(Y) = a + ib
-        yr = ar - bi
-        yi = ai + br
-        j = bitrev[k]
-        wre[j] = yr
-        wim[j] = -yi
+    # Y = A + iB over the full circle (Hermitian halves mirrored); fft(conj(Y)), then conj / n,
+    # gives ifft(Y) = a + ib: the two real frames at once
+    if t1 >= 0:
+        for k in range(m + 1):
+            j = bitrev[k]
+            wre[j] = cre[t0, k] - cim[t1, k]
+            wim[j] = -(cim[t0, k] + cre[t1, k])
+        for k in range(m + 1, n):
+            kk = n - k
+            j = bitrev[k]
+            wre[j] = cre[t0, kk] + cim[t1, kk]
+            wim[j] = cim[t0, kk] - cre[t1, kk]
+    else:
+        for k in range(m + 1):
+            j = bitrev[k]
+            wre[j] = cre[t0, k]
+            wim[j] = -cim[t0, k]
+        for k in range(m + 1, n):
+            kk = n - k
+            j = bitrev[k]
+            wre[j] = cre[t0, kk]
+            wim[j] = cim[t0, kk]
     _fft_bitreversed(wre, wim, tw_re, tw_im)
     inv = 1.0 / n
     for i in range(n):
         sig[pos0 + i] += window[i] * wre[i] * inv
     if t1 >= 0:
         for i in range(n):
-            sig[pos1 + i] += window[i] * (-wim[i]) * inv
+            sig[pos1 + i] -= window[i] * wim[i] * inv
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -86,7 +83,7 @@ def _analyse_project_pair(y, pos0, pos1, t0, t1, window, bitrev, tw_re, tw_im, w
         if t < 0:
             break
         for k in range(m + 1):
-            kk = (n - k) % n
+            kk = n - k if k > 0 else 0
             zr = wre[k]
             zi = wim[k]
             cr = wre[kk]
@@ -97,11 +94,12 @@ def _analyse_project_pair(y, pos0, pos1, t0, t1, window, bitrev, tw_re, tw_im, w
             else:  # B = (Z - conj Z[n-k]) / (2i)
                 xr = 0.5 * (zi - ci)
                 xi = -0.5 * (zr - cr)
-            a = np.sqrt(xr * xr + xi * xi)
+            a2 = xr * xr + xi * xi
             s = mag[t, k]
-            if a > 1e-12:
-                pr = s * xr / a
-                pi = s * xi / a
+            if a2 > 1e-24:
+                g = s / np.sqrt(a2)
+                pr = g * xr
+                pi = g * xi
             else:
                 pr = s
                 pi = 0.0
@@ -121,7 +119,10 @@ def _synthesise(cre, cim, n_frames, window, bitrev, tw_re, tw_im, wre, wim, sig,
 @njit(cache=True, nogil=True, fastmath=True)
 def _fgla(mag, cre, cim, pre, pim, n_frames, n_iter, alpha, tail, tail_w2, w2, window, bitrev, tw_re, tw_im,
           wre, wim, sig, y, hop):
-    """``n_iter`` fast Griffin-Lim iterations over active frames ``0..n_frames-1``."""
+    """``n_iter`` fast Griffin-Lim iterations over active frames ``0..n_frames-1``.
+
+    ``w2`` holds the *inverse* of the summed squared windows over the active region.
+    """
     n = window.shape[0]
     r = (n_frames - 1) * hop + n
     nt = tail.shape[0]
@@ -132,7 +133,7 @@ def _fgla(mag, cre, cim, pre, pim, n_frames, n_iter, alpha, tail, tail_w2, w2, w
             sig[i] += tail[i]
         _synthesise(cre, cim, n_frames, window, bitrev, tw_re, tw_im, wre, wim, sig, hop)
         for i in range(r):
-            y[i] = sig[i] / w2[i]
+            y[i] = sig[i] * w2[i]
         for t in range(0, n_frames, 2):
             t1 = t + 1 if t + 1 < n_frames else -1
             _analyse_project_pair(y, t * hop, (t + 1) * hop, t, t1, window, bitrev, tw_re, tw_im, wre, wim, mag,
@@ -162,7 +163,7 @@ class PhaseReconstructor:
     >>> y = np.concatenate([pr.process(S[:, i:i + 32]) for i in range(0, S.shape[1], 32)] + [pr.flush()])
     """
 
-    def __init__(self, n_fft: int = 2048, hop_length: int = 512, n_iter: int = 16, momentum: float = 0.99,
+    def __init__(self, n_fft: int = 2048, hop_length: int = 512, n_iter: int = 12, momentum: float = 0.99,
                  lookahead: int = 4, max_frames: int = 64):
         self.n_fft = check_range("n_fft", n_fft, 64, 16384, kind=int)
         if n_fft & (n_fft - 1):
@@ -191,7 +192,9 @@ class PhaseReconstructor:
         self._sig, self._y, self._w2 = np.zeros(R), np.zeros(R), np.zeros(R)
         self._wre, self._wim = np.zeros(n), np.zeros(n)
         self._tail, self._tail_w2 = np.zeros(n - hop), np.zeros(n - hop)
-        self._advance = 2 * np.pi * np.arange(self.n_bins) * hop / n
+        adv = 2 * np.pi * np.arange(self.n_bins) * hop / n
+        steps = np.arange(self.max_frames + 1)[:, None]
+        self._rot_c, self._rot_s = np.cos(steps * adv), np.sin(steps * adv)
         self.reset()
         self.process(np.ones((self.n_bins, 1)))  # compile (or load cached) kernels now
         self.reset()
@@ -223,12 +226,17 @@ class PhaseReconstructor:
         a0 = self._n_active
         nf = a0 + k
         self._mag[a0:nf] = mag.T
-        phase = np.zeros(self.n_bins) if self._last_phase is None else self._last_phase
-        for t in range(a0, nf):  # phase-advance initialisation
-            if t > 0 or self._last_phase is not None:
-                phase = phase + self._advance
-            self._cre[t] = self._mag[t] * np.cos(phase)
-            self._cim[t] = self._mag[t] * np.sin(phase)
+        # phase-advance initialisation: frame j after the last known phase gets + j·advance
+        # (rotations from precomputed tables: no trigonometry per call)
+        m = self._mag[a0:nf]
+        if self._last_phase is None:
+            self._cre[a0:nf] = m * self._rot_c[:k]
+            self._cim[a0:nf] = m * self._rot_s[:k]
+        else:
+            lc, ls = self._last_phase
+            rc, rs = self._rot_c[1:k + 1], self._rot_s[1:k + 1]
+            self._cre[a0:nf] = m * (lc * rc - ls * rs)
+            self._cim[a0:nf] = m * (lc * rs + ls * rc)
         self._pre[a0:nf] = self._cre[a0:nf]
         self._pim[a0:nf] = self._cim[a0:nf]
         return self._run(nf, commit=max(0, nf - self.lookahead))
@@ -254,12 +262,17 @@ class PhaseReconstructor:
             w2[t * hop:t * hop + n] += ww
         self._w2_peak = float(ww.reshape(-1, hop).sum(0).max())
         np.maximum(w2[:r], 1e-3 * self._w2_peak, out=w2[:r])
+        np.divide(1.0, w2[:r], out=w2[:r])  # the kernel multiplies
         if self.n_iter:
             _fgla(self._mag, self._cre, self._cim, self._pre, self._pim, nf, self.n_iter, self.momentum, self._tail,
                   self._tail_w2, w2, self.window, self._bitrev, self._tw_re, self._tw_im, self._wre, self._wim,
                   self._sig, self._y, hop)
         last = nf - 1
-        self._last_phase = np.arctan2(self._cim[last], self._cre[last])
+        a = np.hypot(self._cre[last], self._cim[last])
+        nz = a > 1e-12
+        lc = np.where(nz, self._cre[last] / np.where(nz, a, 1.0), 1.0)
+        ls = np.where(nz, self._cim[last] / np.where(nz, a, 1.0), 0.0)
+        self._last_phase = (lc, ls)  # unit phasor of the last active frame
         # commit the first `commit` frames: their synthesis joins the tail
         sig = self._sig
         rc = (commit - 1) * hop + n if commit else 0

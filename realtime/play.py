@@ -46,12 +46,12 @@ def _mix_ramp(acc, x, g0, g1, n):
 
 @njit(cache=True, nogil=True, fastmath=True)
 def _soft_clip(x, n, gain):
-    """Master gain, then a soft knee above 0.75 that never reaches 1."""
+    """Master gain, then a soft knee above 0.75 that stays below 0.999."""
     for i in range(n):
         v = x[i] * gain
         a = abs(v)
         if a > 0.75:
-            s = 0.75 + 0.25 * np.tanh((a - 0.75) / 0.25)
+            s = 0.75 + 0.249 * np.tanh((a - 0.75) / 0.249)  # < 0.999 even where tanh rounds to 1
             v = s if v > 0 else -s
         x[i] = v
 
@@ -115,6 +115,7 @@ class Voice:
         self.held = False  # released under the sustain pedal
         self.on_time = 0.0
         self.gain_reset = False  # set by note-on: the callback restarts the gain from 0
+        self.seed = 0
 
     @property
     def state(self) -> str:
@@ -175,7 +176,8 @@ class Instrument:
                 v.held = False
                 self._retarget(v)
                 self._seed += 1
-                v.gen.trigger(seed=msg.note * 100003 + self._seed)
+                v.seed = msg.note * 100003 + self._seed  # a new phrase each time a key is struck
+                v.gen.trigger(seed=v.seed)
                 level = self.map.level_for(msg.velocity)
                 v.rate_up = level / max(1.0, self.map.attack_s * self.sr)
                 v.gain_reset = True  # a fresh phrase starts from silence
@@ -314,7 +316,7 @@ def build_player(preset, generator_bundle, *, sr: int, block_size: int, channels
     labels = list(generator_bundle.card.labels)
     mm = MidiMap.from_preset(preset, labels)
     lock = threading.Lock()  # one voice decodes at a time (see Generator)
-    voices = [Voice(Generator(generator_bundle, ahead_s=g.get("ahead_s", 0.3), n_iter=g.get("iterations", 16),
+    voices = [Voice(Generator(generator_bundle, ahead_s=g.get("ahead_s", 0.3), n_iter=g.get("iterations", 12),
                               decode_lock=lock)) for _ in range(mm.voices)]
     boards = [load_preset(name).build_fx() for name in mm.programs] if mm.programs else []
     board = boards[0] if boards else preset.build_fx()

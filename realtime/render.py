@@ -238,9 +238,10 @@ def render_file(in_path, out_path, *, preset, classifier, generator=None, layer:
     if layer != "none":
         if generator is None:
             raise ParameterError("a generated layer needs a generator bundle")
-        from .generate import StyleSynth
+        from .generate import DEFAULT_RHO, StyleSynth
 
-        source = SyncSource(StyleSynth(generator))
+        source = SyncSource(StyleSynth(generator, n_iter=preset.generator.get("iterations", 12),
+                                       rho=preset.generator.get("rho", DEFAULT_RHO)))
         if layer != "auto":
             source.synth.composer_index(layer)
         elif list(generator.card.labels) != list(classifier.card.labels):
@@ -251,7 +252,8 @@ def render_file(in_path, out_path, *, preset, classifier, generator=None, layer:
     chain = build_chain(unit, layer_source=source, level_db=level_db, board=board).prepare(sr, block, channels)
     est = Estimator(classifier, unit, cls.get("rate_hz", 4.0), cls.get("smoothing_s", 2.0), cls.get("silence_db", -55.0))
     director = LayerDirector(source, layer, seed) if source is not None else None
-    out_buf = np.zeros((channels, block), np.float32)
+    read = block * max(1, 8192 // block)  # read and write in big chunks, process in engine-sized blocks
+    out_buf = np.zeros((channels, read), np.float32)
     mel_cols = [] if timeline_png else None
     n_done, peak = 0, 0.0
     with contextlib.ExitStack() as stack:
@@ -260,12 +262,12 @@ def render_file(in_path, out_path, *, preset, classifier, generator=None, layer:
         writer = stack.enter_context(AudioWriter(out, sr, channels, force))
         bar = stack.enter_context(tqdm(total=total / sr, unit="s", unit_scale=False, disable=None if progress else True,
                                        leave=False, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{rate_fmt}]"))
-        read = block * max(1, 8192 // block)  # read in big chunks, process in engine-sized blocks
         for _, chunk in read_blocks(in_path, read):
-            for a in range(0, chunk.shape[1], block):
+            m = chunk.shape[1]
+            for a in range(0, m, block):
                 x = chunk[:, a:a + block]
                 w0 = unit.ring.written
-                y = chain.process(x, out=out_buf[:, : x.shape[1]])
+                chain.process(x, out=out_buf[:, a:a + x.shape[1]])
                 if mel_cols is not None and unit.ring.written > w0:
                     mel_cols.append(_ring_tail(unit.ring, unit.ring.written - w0))
                 k0 = len(est.estimates)
@@ -273,12 +275,13 @@ def render_file(in_path, out_path, *, preset, classifier, generator=None, layer:
                 if director is not None:
                     for e in est.estimates[k0:]:
                         director.on_estimate(e, est.labels)
-                if not np.isfinite(y).all():
-                    raise DataError(f"{in_path}: the FX chain produced NaN/Inf near {n_done / sr:.2f} s")
-                peak = max(peak, float(np.abs(y).max()))
-                writer.write(y.T)
-                n_done += x.shape[1]
-            bar.update(chunk.shape[1] / sr)
+            y = out_buf[:, :m]
+            if not np.isfinite(y).all():
+                raise DataError(f"{in_path}: the FX chain produced NaN/Inf near {n_done / sr:.2f} s")
+            peak = max(peak, float(np.abs(y).max()))
+            writer.write(y.T)
+            n_done += m
+            bar.update(m / sr)
         w0 = unit.ring.written
         unit.flush()
         if mel_cols is not None and unit.ring.written > w0:

@@ -82,6 +82,6 @@ def tiny_models(tmp_path_factory):
     train(data, root / "classifier", config=TrainConfig(epochs=4, batch_size=8, window_frames=32, train_hop_frames=8,
                                                         eval_hop_frames=16, val_frac=0.25, test_frac=0.25), **common)
     train_generator(data, root / "generator", config=GenConfig(frames=16, hop_frames=4, latent=8, cond=4, channels=32,
-                                                              epochs=4, batch_size=8, val_frac=0.25, test_frac=0.25),
+                                                              epochs=12, batch_size=8, val_frac=0.25, test_frac=0.25),
                     **common)
     return data, root / "classifier", root / "generator"

@@ -173,3 +173,29 @@ def test_evaluate_generation_runs_on_a_small_data_set(tiny_models, tmp_path):
     assert res["novelty"]["n_generated_windows"] > 0
     assert len(res["morph"]["mean_p_b"]) == 5
     assert (tmp_path / "generated_examples.png").stat().st_size > 10000
+
+
+def test_shipped_generator_shares_the_classifier_split_and_licence():
+    import json
+
+    from models.bundle import PRETRAINED_DIR, load_bundle
+
+    gen, cls = load_generator(), load_bundle(None, kind="classifier")
+    assert gen.card.labels == cls.card.labels
+    assert "CC BY-NC-SA 4.0" in gen.card.licence
+    a = json.loads((PRETRAINED_DIR / "generator" / "split.json").read_text())
+    b = json.loads((PRETRAINED_DIR / "classifier" / "split.json").read_text())
+    assert a == b  # the generator never saw the classifier's validation or test pieces
+    size = sum(p.stat().st_size for p in (PRETRAINED_DIR / "generator").iterdir())
+    assert size <= 20 * 2 ** 20
+
+
+def test_evaluate_generation_on_the_corpus(corpus, tmp_path):
+    """The shipped models on the corpus, few clips (the full run's figures are in the README)."""
+    from realtime.gen_eval import evaluate_generation
+
+    r = evaluate_generation(corpus, clips=1, seconds=6.0, progress=False, pairs=[("dede_efendi", "sevki_bey")])
+    assert r["clips_per_composer"] == 1 and len(r["style_per_composer"]) == 8
+    assert r["realism"]["logmel_frames"]["real_vs_real"] > 0 and r["novelty"]["threshold_real_p99"] > 0
+    assert r["novelty"]["near_copies"] == 0  # generation is not retrieval
+    assert r["reconstruction"]["phase_only"] < 0.3
