@@ -113,7 +113,11 @@ def run_play(notes: int = 100, voices_seconds: float = 10.0) -> dict:
     with dummy_server(name, sr=sr, period=period):
         os.environ["JACK_DEFAULT_SERVER"] = name
         probe = JackProbe("tarab-bench-probe", midi=True)
-        inst, chain = build_player(load_preset("studio-dry"), load_generator(), sr=sr, block_size=period)
+        with tempfile.TemporaryDirectory() as d:  # short release and no FX: silence before every note-on
+            pf = Path(d) / "bench.toml"
+            pf.write_text('description = "bench"\n[midi]\nrelease_s = 0.05\n')
+            preset = load_preset(pf)
+        inst, chain = build_player(preset, load_generator(), sr=sr, block_size=period)
         midi = MidiInput(inst.handle, virtual=True, name="tarab-bench-in", api="jack", on_idle=inst.apply)
         inst.start()
         engine = AudioEngine(chain, sr=sr, block_size=period).start()
@@ -121,18 +125,20 @@ def run_play(notes: int = 100, voices_seconds: float = 10.0) -> dict:
         try:
             probe.connect_through()
             probe.connect_midi("tarab-bench-in.*")
-            gap = int(0.6 * sr)  # note every 0.6 s, released after 0.25 s (release 0.8 s: voices overlap)
+            gap = int(0.5 * sr)  # a note every 0.5 s, released after 0.25 s (release 0.05 s)
             events = []
             for k in range(notes):
                 t0 = int(0.3 * sr) + k * gap
                 note = 48 + (k * 5) % 24
                 events += [(t0, [0x90, note, 110]), (t0 + int(0.25 * sr), [0x80, note, 0])]
-            cap = probe.play_and_record(np.zeros(1, np.float32), int(0.3 * sr) + notes * gap + sr, midi=events)
+            n_rec = int(0.3 * sr) + notes * gap + sr
+            cap = probe.play_and_record(np.zeros(1, np.float32), n_rec, midi=events, timeout=n_rec / sr + 30)
             lat_stats = engine.stats()
             # 4 voices held, then the callback time
             hold = [(int(0.1 * sr) + i * 50, [0x90, 60 + i, 100]) for i in range(4)]
             engine_cb_before = engine.stats().callbacks
-            probe.play_and_record(np.zeros(1, np.float32), int(voices_seconds * sr), midi=hold)
+            probe.play_and_record(np.zeros(1, np.float32), int(voices_seconds * sr), midi=hold,
+                                  timeout=voices_seconds + 30)
             st = engine.stats(recent=engine.stats().callbacks - engine_cb_before)
             sounding = sum(1 for v in inst.voices if v.target > 0)
         finally:

@@ -29,9 +29,10 @@ from .ring import Ring
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_generator", "StyleSynth", "Generator", "DEFAULT_RHO"]
+__all__ = ["load_generator", "StyleSynth", "Generator", "DecodeGate", "DEFAULT_RHO"]
 
 DEFAULT_RHO = 0.8  # latent correlation between successive half windows (≈ 0.74 s apart)
+QUICK_FRAMES = 8  # a phrase's first reconstruction step (frames): its first audio sooner
 
 
 def load_generator(path=None) -> Bundle:
@@ -135,6 +136,8 @@ class StyleSynth:
         self._rng = np.random.default_rng(seed)
         self._z = self._rng.standard_normal(self.latent).astype(np.float32)
         self._tail = None
+        self._first = True
+        self._pending = None
         self.phase.reset()
 
     # ---- steps -------------------------------------------------------------------------------
@@ -167,11 +170,28 @@ class StyleSynth:
         return self.phase.process(mag)
 
     def step(self) -> np.ndarray:
-        """Decode one more half window; return the audio samples that became final (float32)."""
-        return self.frames_to_audio(self.step_frames())
+        """Decode one more half window; return the audio samples that became final (float32).
+
+        A phrase's first half window is reconstructed in two parts, the first only
+        ``QUICK_FRAMES`` long, so its first samples are ready sooner (note-on latency).
+        """
+        if self._pending is not None:
+            frames, self._pending = self._pending, None
+            return self.frames_to_audio(frames)
+        frames = self.step_frames()
+        if self._first:
+            self._first = False
+            q = min(QUICK_FRAMES, frames.shape[1])
+            if q < frames.shape[1]:
+                self._pending = frames[:, q:]
+            return self.frames_to_audio(frames[:, :q])
+        return self.frames_to_audio(frames)
 
     def finish(self) -> np.ndarray:
         """End the phrase: the remaining samples (the phase reconstructor's lookahead)."""
+        if self._pending is not None:
+            head, self._pending = self.frames_to_audio(self._pending), None
+            return np.concatenate([head, self.phase.flush()])
         return self.phase.flush()
 
     def render(self, n_samples: int, progress: bool = False, sweep=None) -> np.ndarray:
@@ -199,6 +219,20 @@ class StyleSynth:
         return np.concatenate(parts)[:n_samples]
 
 
+class DecodeGate:
+    """Shared by generators so that one decodes at a time, and a phrase waiting for its first
+    samples (a note just struck) goes before voices that only top up their buffer."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self.urgent = 0
+
+    def add_urgent(self, k: int) -> None:
+        with self._count_lock:
+            self.urgent += k
+
+
 class Generator:
     """Live composer-style audio: decodes ahead in a worker; :meth:`render` only reads a ring.
 
@@ -208,9 +242,10 @@ class Generator:
         Generator bundle (None = the shipped one).
     ahead_s : float
         Audio decoded ahead of the reader [s].
-    decode_lock : threading.Lock or None
+    gate : DecodeGate or None
         Shared by several generators (the voices of ``tarab play``) so that one decodes at a
-        time: fewer threads compete with the audio callback for the GIL and the cores.
+        time (fewer threads compete with the audio callback for the GIL and the cores) and new
+        phrases go first.
     **synth : settings of :class:`StyleSynth`.
 
     Examples
@@ -222,7 +257,7 @@ class Generator:
     ...     block = g.render(256)   # in the audio callback: never waits
     """
 
-    def __init__(self, bundle=None, *, ahead_s: float = 1.0, max_block: int = 8192, decode_lock=None, **synth):
+    def __init__(self, bundle=None, *, ahead_s: float = 1.0, max_block: int = 8192, gate=None, **synth):
         if not isinstance(bundle, Bundle):
             bundle = load_generator(bundle)
         self.synth = StyleSynth(bundle, **synth)
@@ -244,7 +279,8 @@ class Generator:
         self.decoded_samples = 0
         self._stop = threading.Event()
         self._thread = None
-        self._decode_lock = decode_lock if decode_lock is not None else threading.Lock()
+        self._gate = gate if gate is not None else DecodeGate()
+        self._wake = threading.Event()
         self.set_target(self.labels[0])
         self.synth.step()  # warm the model and the kernels before any stream starts
         self.synth.start(0)
@@ -266,6 +302,7 @@ class Generator:
         if seed is None:
             seed = int(np.random.default_rng().integers(0, 2 ** 31))
         self._trig = (self._trig[0] + 1, int(seed))
+        self._wake.set()
 
     @property
     def playing(self) -> bool:
@@ -320,28 +357,40 @@ class Generator:
 
         torch.set_num_threads(1)
         synth = self.synth
+        gate = self._gate
+        top_up = int(0.1 * self.sr)  # a voice holding this much yields to a new phrase
         while not self._stop.is_set():
             try:
                 req, seed = self._trig
                 if req == 0:
-                    self._stop.wait(0.002)
+                    self._wake.wait(0.002)
+                    self._wake.clear()
                     continue
-                if self._gen[0] == req and self.ring.written - max(self.ring.read, self._gen[1]) >= self.ahead:
-                    self._stop.wait(0.002)
+                fresh = self._gen[0] != req
+                held = self.ring.written - max(self.ring.read, self._gen[1])
+                if not fresh and (held >= self.ahead or (gate.urgent > 0 and held >= top_up)):
+                    self._wake.wait(0.002)
+                    self._wake.clear()
                     continue
-                with self._decode_lock:
-                    req, seed = self._trig  # the newest request, after waiting for the lock
-                    if self._gen[0] != req:
-                        synth.start(seed)
-                        self._target_seen = None
-                        self._gen = (req, self.ring.written)
-                    if self._target is not self._target_seen:
-                        t = self._target
-                        synth.set_target(*t)
-                        self._target_seen = t
-                    t0 = time.perf_counter()
-                    y = synth.step()
-                    self.decode_seconds += time.perf_counter() - t0
+                if fresh:
+                    gate.add_urgent(1)
+                try:
+                    with gate.lock:
+                        req, seed = self._trig  # the newest request, after waiting for the lock
+                        if self._gen[0] != req:
+                            synth.start(seed)
+                            self._target_seen = None
+                            self._gen = (req, self.ring.written)
+                        if self._target is not self._target_seen:
+                            t = self._target
+                            synth.set_target(*t)
+                            self._target_seen = t
+                        t0 = time.perf_counter()
+                        y = synth.step()
+                        self.decode_seconds += time.perf_counter() - t0
+                finally:
+                    if fresh:
+                        gate.add_urgent(-1)
                 self.decoded_samples += len(y)
                 if self._trig[0] == req and len(y):  # a trigger while decoding: drop this chunk
                     self.ring.write(y[None])

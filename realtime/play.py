@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 __all__ = ["MidiMap", "Voice", "Instrument", "VoiceMixer", "SoftClip", "build_player"]
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+# The callback's kernels keep the GIL: they take microseconds, and releasing it would let a worker
+# take it for up to a switch interval before the callback could continue.
+@njit(cache=True, fastmath=True)
 def _mix_ramp(acc, x, g0, g1, n):
     """acc[:n] += x[:n] * (linear ramp from g0 to g1)."""
     step = (g1 - g0) / n
@@ -44,7 +46,7 @@ def _mix_ramp(acc, x, g0, g1, n):
         acc[i] += x[i] * g
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+@njit(cache=True, fastmath=True)
 def _soft_clip(x, n, gain):
     """Master gain, then a soft knee above 0.75 that stays below 0.999."""
     for i in range(n):
@@ -307,7 +309,7 @@ def build_player(preset, generator_bundle, *, sr: int, block_size: int, channels
 
     Returns ``(instrument, chain)``; the voices' workers are started by ``instrument.start()``.
     """
-    from .generate import Generator
+    from .generate import DecodeGate, Generator
     from .presets import load_preset
     from .render import FxUnit, LayerUnit
     from .units import Chain
@@ -315,9 +317,9 @@ def build_player(preset, generator_bundle, *, sr: int, block_size: int, channels
     g = preset.generator
     labels = list(generator_bundle.card.labels)
     mm = MidiMap.from_preset(preset, labels)
-    lock = threading.Lock()  # one voice decodes at a time (see Generator)
+    gate = DecodeGate()  # one voice decodes at a time, a note just struck first
     voices = [Voice(Generator(generator_bundle, ahead_s=g.get("ahead_s", 0.3), n_iter=g.get("iterations", 12),
-                              decode_lock=lock)) for _ in range(mm.voices)]
+                              gate=gate)) for _ in range(mm.voices)]
     boards = [load_preset(name).build_fx() for name in mm.programs] if mm.programs else []
     board = boards[0] if boards else preset.build_fx()
     inst = Instrument(voices, mm, generator_bundle.card.sr, boards=boards, temperature=g.get("temperature", 1.0))
