@@ -42,8 +42,8 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
 
     mu1, mu2 = a.mean(0), b.mean(0)
     c1, c2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = scipy.linalg.sqrtm(c1 @ c2, disp=False)
-    covmean = np.real(covmean)
+    covmean = scipy.linalg.sqrtm(c1 @ c2)
+    covmean = np.real(covmean[0] if isinstance(covmean, tuple) else covmean)
     return float(((mu1 - mu2) ** 2).sum() + np.trace(c1 + c2 - 2 * covmean))
 
 
