@@ -182,18 +182,15 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
 
     from tqdm import tqdm
 
-    from .train import SYMBTR_LICENCE, _atomic_torch_save, band_stats, load_split_features
+    from .train import (SYMBTR_LICENCE, _atomic_torch_save, band_stats, check_run_dirs, load_split_features,
+                        resume_from)
 
     cfg = config or GenConfig()
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(out_dir)
-    work = out_dir.with_name(out_dir.name + ".train")
-    if out_dir.exists() and not force:
-        raise BundleError(f"{out_dir} exists; pass --force to overwrite it")
-    if work.exists() and not resume and not force:
-        raise BundleError(f"{work} holds an earlier run; pass --resume to continue it or --force to start over")
+    work = check_run_dirs(out_dir, resume, force)
     if work.exists() and force and not resume:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -242,17 +239,7 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
     state = {"epoch": 0, "best": float("inf"), "best_epoch": -1, "bad": 0, "history": [], "train_seconds": 0.0}
     ckpt_path, best_path = work / "checkpoint.pt", work / "best.pt"
     if resume:
-        if not ckpt_path.is_file():
-            raise BundleError(f"--resume: no checkpoint in {work}")
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        same = {k: v for k, v in ck["config"].items() if k not in ("time_budget_s", "threads")}
-        mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("time_budget_s", "threads")}
-        if same != mine or ck["labels"] != labels:
-            raise BundleError(f"--resume: {ckpt_path} was made with other settings or labels")
-        vae.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optim"])
-        sched.load_state_dict(ck["sched"])
-        state = json.loads(ck["state"])
+        state = resume_from(ckpt_path, cfg, labels, vae, opt, sched, ignore=("time_budget_s", "threads"))
     t_train0 = time.time() - state["train_seconds"]
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"]

@@ -149,6 +149,33 @@ def evaluate_windows(predict, wset: WindowSet, batch_size: int = 64) -> dict:
     }
 
 
+def check_run_dirs(out_dir: Path, resume: bool, force: bool) -> Path:
+    """Refuse to overwrite a bundle or an earlier run by accident; returns ``<out_dir>.train``."""
+    work = out_dir.with_name(out_dir.name + ".train")
+    if out_dir.exists() and not force:
+        raise BundleError(f"{out_dir} exists; pass --force to overwrite it")
+    if work.exists() and not resume and not force:
+        raise BundleError(f"{work} holds an earlier run; pass --resume to continue it or --force to start over")
+    return work
+
+
+def resume_from(ckpt_path: Path, cfg, labels, net, opt, sched, ignore=()) -> dict:
+    """Load a checkpoint made with the same settings (except ``ignore``) and labels; returns the state."""
+    import torch
+
+    if not ckpt_path.is_file():
+        raise BundleError(f"--resume: no checkpoint in {ckpt_path.parent}")
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    same = {k: v for k, v in ck["config"].items() if k not in ignore}
+    mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignore}
+    if same != mine or ck["labels"] != labels:
+        raise BundleError(f"--resume: {ckpt_path} was made with other settings or labels")
+    net.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optim"])
+    sched.load_state_dict(ck["sched"])
+    return json.loads(ck["state"])
+
+
 def load_split_features(data_dir, work, items, seed, val_frac, test_frac, featurizer, mel_config, cache_dir,
                         progress):
     """Scan (unless ``items`` is given), split by piece, save the split in ``work`` (if not None),
@@ -208,11 +235,7 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
     cfg.validate()
     rank, world, distributed = _dist()
     out_dir = Path(out_dir)
-    work = out_dir.with_name(out_dir.name + ".train")
-    if out_dir.exists() and not force:
-        raise BundleError(f"{out_dir} exists; pass --force to overwrite it")
-    if work.exists() and not resume and not force:
-        raise BundleError(f"{work} holds an earlier run; pass --resume to continue it or --force to start over")
+    work = check_run_dirs(out_dir, resume, force)
     if distributed:  # every rank has checked before rank 0 creates anything
         torch.distributed.barrier()
     if rank == 0:
@@ -270,17 +293,7 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
     ckpt_path = work / "checkpoint.pt"
     best_path = work / "best.pt"
     if resume:
-        if not ckpt_path.is_file():
-            raise BundleError(f"--resume: no checkpoint in {work}")
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        same = {k: v for k, v in ck["config"].items() if k != "time_budget_s"}
-        mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "time_budget_s"}
-        if same != mine or ck["labels"] != labels:
-            raise BundleError(f"--resume: {ckpt_path} was made with other settings or labels")
-        net.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optim"])
-        sched.load_state_dict(ck["sched"])
-        state = json.loads(ck["state"])
+        state = resume_from(ckpt_path, cfg, labels, net, opt, sched, ignore=("time_budget_s",))
         log.info("resumed at epoch %d", state["epoch"])
 
     def predict_logmel(xb):
