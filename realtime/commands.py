@@ -213,17 +213,41 @@ def cmd_live(args) -> int:
     from .cli import _engine_from_args, finish_run
     from .units import Chain, LevelMeter
 
+    from .presets import load_preset
+    from .render import LayerDirector, build_chain
+
+    from models.errors import check_range
+
     _resolve_classifier_settings(args)
+    check_range("--mix", args.mix, -120.0, 24.0)
     bundle = load_classifier(args.model)
     unit = ClassifierUnit(bundle.card)
     meter = LevelMeter()
-    engine = _engine_from_args(Chain([meter, unit]), args)
-    engine.start()
+    preset = load_preset(args.preset) if args.preset else None
+    gen = director = None
+    if args.layer != "none":  # the render chain, live: a generated layer under the input
+        from .generate import Generator, load_generator
+
+        gb = load_generator(args.generator or (preset.generator.get("model") if preset else None))
+        if args.layer == "auto" and list(gb.card.labels) != list(bundle.card.labels):
+            raise ParameterError("--layer auto needs a generator that knows the classifier's composers")
+        g = preset.generator if preset else {}
+        gen = Generator(gb, ahead_s=g.get("ahead_s", 1.0), n_iter=g.get("iterations", 12))
+        if args.layer != "auto":
+            gen.synth.composer_index(args.layer)
+        director = LayerDirector(gen, args.layer)
+        gen.start()
+    board = preset.build_fx() if (preset is not None and args.fx) else None
+    chain = build_chain(unit, layer_source=gen, level_db=args.mix, board=board)
+    engine = _engine_from_args(Chain([meter, chain]), args)
     est = Estimator(bundle, unit, args.rate, args.smoothing, args.silence_db)  # warms the model up
     labels = est.labels
+    follow = (lambda e: director.on_estimate(e, labels)) if director is not None else (lambda e: None)
     try:
+        engine.start()
         if args.json:
             def emit(e):
+                follow(e)
                 d = e.as_dict(labels)
                 d["xruns"] = engine.xruns
                 print(json.dumps(d), flush=True)
@@ -233,7 +257,7 @@ def cmd_live(args) -> int:
         else:
             from rich.live import Live
 
-            worker = ClassifierWorker(est)
+            worker = ClassifierWorker(est, on_estimate=follow)
             worker.start()
             with Live(_live_view(est, meter, engine, labels), refresh_per_second=8) as live:
                 reason = engine.run(args.seconds, on_tick=lambda eng: live.update(_live_view(est, meter, eng, labels)))
@@ -241,6 +265,8 @@ def cmd_live(args) -> int:
         return finish_run(engine, reason, json_out=args.json)
     finally:
         engine.stop()
+        if gen is not None:
+            gen.stop()
 
 
 def _live_view(est, meter, engine, labels):
@@ -285,6 +311,11 @@ def _register_classify(sub) -> None:
     s = sub.add_parser("live", help="classify the audio input continuously")
     add_audio_args(s)
     add_classifier_args(s)
+    s.add_argument("--fx", action="store_true", help="run the input through the preset's FX chain to the output")
+    s.add_argument("--layer", default="none", help="add a generated layer: none (default), auto (follows the "
+                                                   "leading composer) or a composer name")
+    s.add_argument("--mix", type=float, default=-12.0, help="level of the generated layer [dB] (default -12)")
+    s.add_argument("--generator", type=Path, default=None, help="generator bundle (default: the shipped one)")
     s.set_defaults(func=cmd_live)
 
 
@@ -351,7 +382,7 @@ def cmd_demo(args) -> int:
         print(f"  (classifier {classifier.card.name}: piece-level test accuracy {m.get('piece_accuracy', 0):.1%}, "
               f"window {m.get('window_accuracy', 0):.1%} — a weak judge; see README)")
     print(f"rendered the clip + a generated layer ({', '.join(r['layer_composers']) or 'none'}) through preset "
-          f"'default' at {r['x_realtime']:.0f}× real time")
+          f"'default' in {t_render:.1f} s (models loaded and warmed up included)")
     print(f"generated {args.seconds:g} s morphing {a} → {b} in {t_gen:.1f} s ({args.seconds / t_gen:.0f}× real time)")
     print(f"wrote {out}/: " + ", ".join(summary["outputs"]))
     return 0

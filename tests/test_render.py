@@ -213,3 +213,32 @@ def test_pedalboard_streaming_is_block_size_independent():
     parts = [board.process(x[:, a:a + 256], 22050, buffer_size=256, reset=False) for a in range(0, x.shape[1], 256)]
     np.testing.assert_allclose(np.concatenate(parts, axis=1), whole, atol=1e-6)
     assert isinstance(board, pedalboard.Pedalboard)
+
+
+def test_live_cli_runs_the_render_chain(jack_probe, tiny_models):
+    """`tarab live --fx --layer C`: the generated layer and the FX reach the JACK output, no xruns."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    _, _, gen = tiny_models
+    p = subprocess.Popen([sys.executable, "-m", "realtime.cli", "live", "--preset", "default", "--fx", "--layer", "gamma",
+                          "--generator", str(gen), "--mix", "-6", "--seconds", "9", "--json"], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t_end = time.time() + 20
+        while time.time() < t_end and not jack_probe.client.get_ports("PortAudio.*", is_audio=True, is_output=True):
+            time.sleep(0.1)
+        time.sleep(1.0)
+        jack_probe.connect_through()
+        cap = jack_probe.play_and_record(np.zeros(1, np.float32), 3 * 22050)  # silence in
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err
+    end = json.loads(out.splitlines()[-1])
+    assert end["event"] == "end" and end["xruns"] == 0 and end["faults"] == 0
+    rms = float(np.sqrt(np.mean(cap.astype(np.float64) ** 2)))
+    assert rms > 1e-3 and np.abs(cap).max() < 1.0  # the layer, with silence at the input
