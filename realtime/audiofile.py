@@ -61,14 +61,17 @@ class AudioWriter:
         self.frames += b.shape[0]
 
     def __exit__(self, et, ev, tb):
+        close_error = None
         try:
             self._f.close()
         except Exception as e:  # a failing final flush (e.g. disk full) must not leave a file
-            if et is None:
-                et, ev = type(e), e
+            close_error = e
+        if et is None and close_error is not None:
+            self._stack.__exit__(type(close_error), close_error, None)  # removes the temporary file
+            raise TarabError(f"{self.path}: writing failed ({close_error}); no file written") from None
         if et is not None:
             self._stack.__exit__(et, ev, tb)
-            if ev is not None and not isinstance(ev, (TarabError, KeyboardInterrupt)) and isinstance(ev, OSError):
+            if isinstance(ev, OSError):
                 raise TarabError(f"{self.path}: writing failed ({ev}); no file written") from None
             return False
         self._stack.__exit__(None, None, None)

@@ -202,6 +202,7 @@ class PhaseReconstructor:
     def reset(self) -> None:
         """Start a new stream."""
         self._n_active = 0
+        self._frames_seen = 0
         self._tail[:] = 0.0
         self._tail_w2[:] = 0.0
         self._last_phase = None
@@ -225,6 +226,7 @@ class PhaseReconstructor:
             raise ParameterError("magnitudes contain NaN or Inf")
         a0 = self._n_active
         nf = a0 + k
+        self._frames_seen += k
         self._mag[a0:nf] = mag.T
         # phase-advance initialisation: frame j after the last known phase gets + j·advance
         # (rotations from precomputed tables: no trigonometry per call)
@@ -245,7 +247,7 @@ class PhaseReconstructor:
         """Commit every active frame and return the rest of the signal; then :meth:`reset`."""
         nf = self._n_active
         out = self._run(nf, commit=nf) if nf else np.zeros(0, np.float32)
-        if nf:
+        if self._frames_seen:  # the last frames' samples that no later frame overlaps
             tail = self._tail / np.maximum(self._tail_w2, 1e-3 * self._w2_peak)
             out = np.concatenate([out, tail.astype(np.float32)])
         self.reset()

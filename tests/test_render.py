@@ -242,3 +242,23 @@ def test_live_cli_runs_the_render_chain(jack_probe, tiny_models):
     assert end["event"] == "end" and end["xruns"] == 0 and end["faults"] == 0
     rms = float(np.sqrt(np.mean(cap.astype(np.float64) ** 2)))
     assert rms > 1e-3 and np.abs(cap).max() < 1.0  # the layer, with silence at the input
+
+
+def test_audio_writer_failing_close_leaves_no_file(tmp_path, monkeypatch):
+    """A failure in the final flush (any exception type) is an error, and the file is not left."""
+    import soundfile
+
+    from models.errors import TarabError
+    from realtime.audiofile import write_audio
+
+    real_close = soundfile.SoundFile.close
+
+    def broken_close(self):
+        real_close(self)  # really closed (no second failure when the object is collected)
+        raise RuntimeError("flush failed")
+
+    monkeypatch.setattr(soundfile.SoundFile, "close", broken_close)
+    with pytest.raises(TarabError, match="writing failed"):
+        write_audio(tmp_path / "x.wav", np.zeros(1000, np.float32), 22050)
+    monkeypatch.undo()
+    assert _outputs(tmp_path) == []
