@@ -281,6 +281,7 @@ class Generator:
         self._thread = None
         self._gate = gate if gate is not None else DecodeGate()
         self._wake = threading.Event()
+        self._ready = threading.Event()
         self.set_target(self.labels[0])
         self.synth.step()  # warm the model and the kernels before any stream starts
         self.synth.start(0)
@@ -336,8 +337,10 @@ class Generator:
     def start(self) -> "Generator":
         if self._thread is None:
             self._stop.clear()
+            self._ready.clear()
             self._thread = threading.Thread(target=self._work, name="tarab-generator", daemon=True)
             self._thread.start()
+            self._ready.wait(10.0)
         return self
 
     def stop(self) -> None:
@@ -358,6 +361,9 @@ class Generator:
         torch.set_num_threads(1)
         synth = self.synth
         gate = self._gate
+        with gate.lock:  # this thread's first decode (torch's per-thread set-up) before any stream
+            synth.decode_window(np.zeros(synth.latent, np.float32), synth.emb[0])
+        self._ready.set()
         top_up = int(0.1 * self.sr)  # a voice holding this much yields to a new phrase
         while not self._stop.is_set():
             try:

