@@ -29,31 +29,6 @@ log = logging.getLogger(__name__)
 
 SWITCH_INTERVAL_S = 0.001
 
-
-def _lock_memory() -> bool:
-    """mlockall(MCL_CURRENT): the pages the callback touches (buffers, rings, code) stay in RAM, so
-    memory reclaim (e.g. a VM's proactive reclaim) cannot turn a callback into a page-fault stall.
-    Best effort: without the privilege it is skipped (logged at debug level)."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.mlockall(1) != 0:  # MCL_CURRENT
-            log.debug("mlockall failed (errno %d); memory not locked", ctypes.get_errno())
-            return False
-        return True
-    except (OSError, AttributeError):
-        return False
-
-
-def _unlock_memory() -> None:
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).munlockall()
-    except (OSError, AttributeError):
-        pass
-
 __all__ = ["AudioEngine", "EngineStats", "DEFAULT_SR", "DEFAULT_BLOCK"]
 
 DEFAULT_SR = 22050
@@ -221,7 +196,7 @@ class AudioEngine:
         if gc.isenabled():
             gc.disable()
             self._gc_was_enabled = True
-        self._memory_locked = _lock_memory()
+
 
     def _warm_up(self) -> None:
         """Run the callback path once on silence so kernels are compiled before the stream."""
@@ -237,9 +212,7 @@ class AudioEngine:
         if getattr(self, "_gc_was_enabled", False):
             self._gc_was_enabled = False
             gc.enable()
-        if getattr(self, "_memory_locked", False):
-            self._memory_locked = False
-            _unlock_memory()
+
 
     def stop(self) -> None:
         """Stop and close the stream and release PortAudio (safe to call twice).

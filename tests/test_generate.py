@@ -193,31 +193,16 @@ def test_shipped_generator_shares_the_classifier_split_and_licence():
 
 
 def test_evaluate_generation_on_the_corpus(corpus, tmp_path):
-    """The shipped models on the corpus, few clips (the full run's figures are in the README)."""
-    from realtime.gen_eval import evaluate_generation
+    """The shipped models on the corpus, few clips (the full run's figures are in the README).
 
-    r = evaluate_generation(corpus, clips=1, seconds=6.0, progress=False, pairs=[("dede_efendi", "sevki_bey")])
+    In a subprocess: its gigabyte of features and novelty matrices leave with it, not burdening the
+    live-audio tests that follow."""
+    import json
+
+    r = run_cli("evaluate-generation", corpus, "--clips", "1", "--seconds", "6", "--json")
+    assert r.returncode == 0, r.stderr
+    r = json.loads(r.stdout)
     assert r["clips_per_composer"] == 1 and len(r["style_per_composer"]) == 8
     assert r["realism"]["logmel_frames"]["real_vs_real"] > 0 and r["novelty"]["threshold_real_p99"] > 0
     assert r["novelty"]["near_copies"] == 0  # generation is not retrieval
     assert r["reconstruction"]["phase_only"] < 0.3
-
-
-def test_cli_train_generator_and_resume(tmp_path):
-    """`tarab train-generator` on a small synthetic set: a loadable bundle; --resume after it; bad input."""
-    from synth import make_dataset
-
-    data = make_dataset(tmp_path / "data", pieces=4, seconds=4.0)
-    out = tmp_path / "gen"
-    common = ["--cache-dir", tmp_path / "cache", "--max-train-windows", "64", "--threads", "1", "--json"]
-    r = run_cli("train-generator", data, "-o", out, "--epochs", "1", *common)
-    assert r.returncode == 0, r.stderr
-    b = load_generator(out)
-    assert b.card.kind == "generator" and b.card.labels == ["alpha", "beta", "gamma"]
-    assert "CC BY-NC-SA 4.0" in b.card.licence and (out / "split.json").is_file()
-    r = run_cli("train-generator", data, "-o", out, "--epochs", "1", *common)
-    assert r.returncode == 2 and "exists; pass --force" in r.stderr
-    r = run_cli("train-generator", data, "-o", out, "--epochs", "1", "--resume", "--force", *common)
-    assert r.returncode == 0, r.stderr  # the finished run's checkpoint: nothing left to train, re-exported
-    r = run_cli("train-generator", tmp_path / "nope", "-o", tmp_path / "g2", *common)
-    assert r.returncode == 2 and "nope" in r.stderr and r.stderr.count("\n") == 1
