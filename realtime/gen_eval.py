@@ -166,9 +166,10 @@ def evaluate_generation(data_dir=None, *, generator=None, classifier=None, clips
     rng.shuffle(pieces)
     half_a = set(pieces[: len(pieces) // 2])
     real_mel = {it.path: np.power(10.0, feats[it.path].astype(np.float32) / 10.0) for it in test_items}
-    frames_real = np.concatenate([log_mel(real_mel[it.path]).T for it in test_items])
-    frames_a = np.concatenate([log_mel(real_mel[it.path]).T for it in test_items if it.piece in half_a])
-    frames_b = np.concatenate([log_mel(real_mel[it.path]).T for it in test_items if it.piece not in half_a])
+    # the cached features are already log-mel [dB]: frames straight from them, each half once
+    frames_a = np.concatenate([feats[it.path].astype(np.float32).T for it in test_items if it.piece in half_a])
+    frames_b = np.concatenate([feats[it.path].astype(np.float32).T for it in test_items if it.piece not in half_a])
+    frames_real = np.concatenate([frames_a, frames_b])
     frames_gen = np.concatenate([log_mel(S).T for S in gen_mel.values()])
     emb_real_a = np.concatenate([judge.embed(real_mel[it.path]) for it in test_items if it.piece in half_a])
     emb_real_b = np.concatenate([judge.embed(real_mel[it.path]) for it in test_items if it.piece not in half_a])

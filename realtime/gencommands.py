@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -211,7 +212,7 @@ def cmd_play(args) -> int:
         engine.start()
         midi.start()
         writer = AudioWriter(args.record, engine.sr, args.channels, force=args.force) if rec is not None else None
-        with writer if writer is not None else _nothing():
+        with writer if writer is not None else contextlib.nullcontext():
             def drain(_eng=None):
                 if writer is not None:
                     writer.write(rec.drain().T)
@@ -244,14 +245,6 @@ def cmd_play(args) -> int:
         engine.stop()
         midi.close()
         inst.stop()
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _status(inst, engine, midi) -> dict:
