@@ -23,12 +23,123 @@ N_MELS = 128
 
 
 # ---- kernels ---------------------------------------------------------------------------------
+def bit_reversal(n: int) -> np.ndarray:
+    """The bit-reversal permutation of ``range(n)`` (n a power of two), int64."""
+    bits = n.bit_length() - 1
+    return np.array([int(format(i, f"0{bits}b")[::-1], 2) if bits else 0 for i in range(n)], np.int64)
+
+
+def fft_twiddles(n: int) -> np.ndarray:
+    """Twiddle table of :func:`_fft_bitreversed` for size ``n``: per merged pass (half size
+    ``h`` = 2 or 4, then ×4), ``Re, Im W_2h^k`` and ``Re, Im W_4h^k`` for ``k < h``, each run
+    contiguous so the butterfly loop reads every stream with unit stride (and vectorises)."""
+    stages = n.bit_length() - 1
+    h = 2 if stages % 2 else 4
+    parts = []
+    while h < n:
+        k = np.arange(h)
+        parts += [np.cos(np.pi * k / h), -np.sin(np.pi * k / h),
+                  np.cos(np.pi * k / (2 * h)), -np.sin(np.pi * k / (2 * h))]
+        h *= 4
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _radix4_pass(re, im, tw, o, h, start):
+    """Two radix-2 stages (sizes 2h and 4h) over ``[start, start + 4h)``; twiddles at ``tw[o:]``."""
+    r0 = re[start:start + h]
+    r1 = re[start + h:start + 2 * h]
+    r2 = re[start + 2 * h:start + 3 * h]
+    r3 = re[start + 3 * h:start + 4 * h]
+    i0 = im[start:start + h]
+    i1 = im[start + h:start + 2 * h]
+    i2 = im[start + 2 * h:start + 3 * h]
+    i3 = im[start + 3 * h:start + 4 * h]
+    w1r = tw[o:o + h]
+    w1i = tw[o + h:o + 2 * h]
+    w2r = tw[o + 2 * h:o + 3 * h]
+    w2i = tw[o + 3 * h:o + 4 * h]
+    for k in range(h):
+        a1 = w1r[k]
+        b1 = w1i[k]
+        a2 = w2r[k]
+        b2 = w2i[k]
+        # first radix-2 stage (size 2h) on (0, 1) and (2, 3)
+        tr = a1 * r1[k] - b1 * i1[k]
+        ti = a1 * i1[k] + b1 * r1[k]
+        ar = r0[k] + tr
+        ai = i0[k] + ti
+        br = r0[k] - tr
+        bi = i0[k] - ti
+        tr = a1 * r3[k] - b1 * i3[k]
+        ti = a1 * i3[k] + b1 * r3[k]
+        cr = r2[k] + tr
+        ci = i2[k] + ti
+        dr = r2[k] - tr
+        di = i2[k] - ti
+        # second stage (size 4h): twiddles W_4h^k and W_4h^(k+h) = -i W_4h^k
+        tr = a2 * cr - b2 * ci
+        ti = a2 * ci + b2 * cr
+        r0[k] = ar + tr
+        i0[k] = ai + ti
+        r2[k] = ar - tr
+        i2[k] = ai - ti
+        ur = a2 * dr - b2 * di
+        ui = a2 * di + b2 * dr
+        r1[k] = br + ui
+        i1[k] = bi - ur
+        r3[k] = br - ui
+        i3[k] = bi + ur
+
+
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _radix4_short(re, im, tw, o, h):
+    """One merged pass with half size ``h`` over the whole array, indexing directly (``h`` is a
+    literal at every call site)."""
+    for start in range(0, re.shape[0], 4 * h):
+        for k in range(h):
+            a1 = tw[o + k]
+            b1 = tw[o + h + k]
+            a2 = tw[o + 2 * h + k]
+            b2 = tw[o + 3 * h + k]
+            j0 = start + k
+            x1r = re[j0 + h]
+            x1i = im[j0 + h]
+            x3r = re[j0 + 3 * h]
+            x3i = im[j0 + 3 * h]
+            tr = a1 * x1r - b1 * x1i
+            ti = a1 * x1i + b1 * x1r
+            ar = re[j0] + tr
+            ai = im[j0] + ti
+            br = re[j0] - tr
+            bi = im[j0] - ti
+            tr = a1 * x3r - b1 * x3i
+            ti = a1 * x3i + b1 * x3r
+            cr = re[j0 + 2 * h] + tr
+            ci = im[j0 + 2 * h] + ti
+            dr = re[j0 + 2 * h] - tr
+            di = im[j0 + 2 * h] - ti
+            tr = a2 * cr - b2 * ci
+            ti = a2 * ci + b2 * cr
+            re[j0] = ar + tr
+            im[j0] = ai + ti
+            re[j0 + 2 * h] = ar - tr
+            im[j0 + 2 * h] = ai - ti
+            ur = a2 * dr - b2 * di
+            ui = a2 * di + b2 * dr
+            re[j0 + h] = br + ui
+            im[j0 + h] = bi - ur
+            re[j0 + 3 * h] = br - ui
+            im[j0 + 3 * h] = bi + ur
+
+
 @njit(cache=True, nogil=True, fastmath=True)
-def _fft_bitreversed(re, im, tw_re, tw_im):
+def _fft_bitreversed(re, im, tw):
     """Radix-2^2 decimation-in-time FFT of input already in bit-reversed order, in place.
 
     Pairs of radix-2 stages run as one pass over the data (one plain radix-2 stage first when
-    log2(n) is odd). ``tw_re + i tw_im`` = exp(-2πi j/n), j < n/2.
+    log2(n) is odd); the butterflies of a pass run along unit-stride runs of the data and of
+    the twiddle table ``tw`` (:func:`fft_twiddles`), which LLVM vectorises.
     """
     n = re.shape[0]
     stages = 0
@@ -67,73 +178,95 @@ def _fft_bitreversed(re, im, tw_re, tw_im):
             re[s + 3] = br - di
             im[s + 3] = bi + dr
         h = 4
-    while h < n:
-        q = 4 * h
-        s1 = n // (2 * h)  # W_{2h}^k = W_n^(k s1)
-        s2 = n // q  # W_{4h}^k = W_n^(k s2)
-        for k in range(h):
-            w1r = tw_re[k * s1]
-            w1i = tw_im[k * s1]
-            w2r = tw_re[k * s2]
-            w2i = tw_im[k * s2]
-            for start in range(0, n, q):
-                j0 = start + k
-                j1 = j0 + h
-                j2 = j1 + h
-                j3 = j2 + h
-                # first radix-2 stage (size 2h) on (j0, j1) and (j2, j3)
-                tr = w1r * re[j1] - w1i * im[j1]
-                ti = w1r * im[j1] + w1i * re[j1]
-                ar = re[j0] + tr
-                ai = im[j0] + ti
-                br = re[j0] - tr
-                bi = im[j0] - ti
-                tr = w1r * re[j3] - w1i * im[j3]
-                ti = w1r * im[j3] + w1i * re[j3]
-                cr = re[j2] + tr
-                ci = im[j2] + ti
-                dr = re[j2] - tr
-                di = im[j2] - ti
-                # second stage (size 4h): twiddles W_{4h}^k and W_{4h}^(k+h) = -i W_{4h}^k
-                tr = w2r * cr - w2i * ci
-                ti = w2r * ci + w2i * cr
-                re[j0] = ar + tr
-                im[j0] = ai + ti
-                re[j2] = ar - tr
-                im[j2] = ai - ti
-                ur = w2r * dr - w2i * di
-                ui = w2r * di + w2i * dr
-                re[j1] = br + ui
-                im[j1] = bi - ur
-                re[j3] = br - ui
-                im[j3] = bi + ur
-        h = q
+    _fft_passes(re, im, tw, h)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _frame_power(ring, pos, window, re, im, bitrev, cos_t, sin_t, post_cos, post_sin, power):
+def _fft_passes(re, im, tw, h):
+    """The radix-2² passes of :func:`_fft_bitreversed` from half size ``h`` (2 or 4) on."""
+    n = re.shape[0]
+    o = 0
+    # the first passes' butterfly runs (h = 2, 4, 8) are too short to vectorise: plain loops with
+    # constant trip counts instead, which LLVM unrolls
+    if h == 2 and n >= 8:
+        _radix4_short(re, im, tw, o, 2)
+        o, h = 8, 8
+    if h == 4 and n >= 16:
+        _radix4_short(re, im, tw, o, 4)
+        o, h = 16, 16
+    if h == 8 and n >= 32:
+        _radix4_short(re, im, tw, o, 8)
+        o, h = o + 32, 32
+    while h < n:
+        for start in range(0, n, 4 * h):
+            _radix4_pass(re, im, tw, o, h, start)
+        o += 4 * h
+        h *= 4
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _frame_power(ring, pos, window, re, im, bitrev, tw, post_cos, post_sin, power):
     """|rfft(window * frame)|² of the ``n_fft`` samples ``ring[pos:pos + n_fft]``.
 
-    The ring is written twice (at ``i`` and ``i + n_fft``), so every frame is contiguous.
+    The ring is written twice (at ``i`` and ``i + n_fft``), so every frame is contiguous. The
+    even/odd samples are the real/imaginary parts of one half-size complex FFT; the real-split
+    step then gives bin ``k`` from ``Z[k]`` and ``conj Z[m - k]``.
     """
     m = window.shape[0] >> 1
-    for k in range(m):  # windowed even/odd samples, stored in bit-reversed order for the FFT
-        j = bitrev[k]
-        re[j] = ring[pos + 2 * k] * window[2 * k]
-        im[j] = ring[pos + 2 * k + 1] * window[2 * k + 1]
-    _fft_bitreversed(re, im, cos_t, sin_t)
-    for k in range(m + 1):
-        k1 = k if k < m else 0
-        k2 = (m - k) if k > 0 else 0
-        zr, zi = re[k1], im[k1]
-        cr, ci = re[k2], -im[k2]  # conj(Z[m-k])
+    q = m >> 2
+    if m >= 16 and m & 0x5555555555555555:  # m a power of 4: load and do the first FFT pass at once
+        for k in range(q):
+            # elements k, k + q, k + 2q, k + 3q (windowed even/odd samples as real/imaginary
+            # parts) sit at bit-reversed positions s, s + 2, s + 1, s + 3
+            s = bitrev[k]
+            p0 = pos + 2 * k
+            p1 = p0 + 2 * q
+            p2 = p1 + 2 * q
+            p3 = p2 + 2 * q
+            x0r = ring[p0] * window[2 * k]
+            x0i = ring[p0 + 1] * window[2 * k + 1]
+            x1r = ring[p1] * window[2 * k + 2 * q]
+            x1i = ring[p1 + 1] * window[2 * k + 2 * q + 1]
+            x2r = ring[p2] * window[2 * k + 4 * q]
+            x2i = ring[p2 + 1] * window[2 * k + 4 * q + 1]
+            x3r = ring[p3] * window[2 * k + 6 * q]
+            x3i = ring[p3 + 1] * window[2 * k + 6 * q + 1]
+            ar = x0r + x2r
+            ai = x0i + x2i
+            br = x0r - x2r
+            bi = x0i - x2i
+            cr = x1r + x3r
+            ci = x1i + x3i
+            dr = x1r - x3r
+            di = x1i - x3i
+            re[s] = ar + cr
+            im[s] = ai + ci
+            re[s + 2] = ar - cr
+            im[s + 2] = ai - ci
+            re[s + 1] = br + di
+            im[s + 1] = bi - dr
+            re[s + 3] = br - di
+            im[s + 3] = bi + dr
+        _fft_passes(re, im, tw, 4)
+    else:
+        for k in range(m):  # windowed even/odd samples, stored in bit-reversed order for the FFT
+            j = bitrev[k]
+            re[j] = ring[pos + 2 * k] * window[2 * k]
+            im[j] = ring[pos + 2 * k + 1] * window[2 * k + 1]
+        _fft_bitreversed(re, im, tw)
+    power[0] = (re[0] + im[0]) ** 2  # DC and Nyquist: sum and difference of Z[0]'s parts
+    power[m] = (re[0] - im[0]) ** 2
+    for k in range(1, m):
+        zr = re[k]
+        zi = im[k]
+        cr = re[m - k]
+        ci = -im[m - k]  # conj(Z[m-k])
         er = 0.5 * (zr + cr)
         ei = 0.5 * (zi + ci)
-        # (Z - conj) / (2i)
-        orr = 0.5 * (zi - ci)
+        orr = 0.5 * (zi - ci)  # (Z - conj) / (2i)
         oi = -0.5 * (zr - cr)
         wr = post_cos[k]
-        wi = -post_sin[k]
+        wi = post_sin[k]  # stored as -sin(2πk/n)
         xr = er + wr * orr - wi * oi
         xi = ei + wr * oi + wi * orr
         power[k] = xr * xr + xi * xi
@@ -141,21 +274,33 @@ def _frame_power(ring, pos, window, re, im, bitrev, cos_t, sin_t, post_cos, post
 
 @njit(cache=True, nogil=True, fastmath=True)
 def _mel_frame(power, lo, hi, off, w, out, col):
+    """``out[b, col] = Σ_j w[off[b] + j - lo[b]] power[j]`` over each band's run ``lo[b]..hi[b]``.
+
+    Runs are padded with zero weights to a multiple of 4 (:func:`mel_filter_runs`), so the dot
+    products run four lanes at a time.
+    """
     for b in range(lo.shape[0]):
-        s = 0.0
-        o = off[b] - lo[b]
-        for j in range(lo[b], hi[b]):
-            s += w[o + j] * power[j]
-        out[b, col] = s
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        s3 = 0.0
+        o = off[b]
+        a = lo[b]
+        for j in range(0, hi[b] - a, 4):
+            s0 += w[o + j] * power[a + j]
+            s1 += w[o + j + 1] * power[a + j + 1]
+            s2 += w[o + j + 2] * power[a + j + 2]
+            s3 += w[o + j + 3] * power[a + j + 3]
+        out[b, col] = (s0 + s1) + (s2 + s3)
 
 
 # Layout of the two state arrays handed to the kernel. Fewer arguments keep numba's per-call
 # dispatch cheap (it unboxes every array argument), which matters at one call per audio block.
 # int64 header: stream state, then offsets of the float64 and int64 tables.
 H_POS, H_NXT, H_HOP, H_USED = 0, 1, 2, 3
-H_F = 4  # H_F + j: start of float table j (j = 0..10, the last is the end)
-F_RING, F_WIN, F_RE, F_IM, F_COS, F_SIN, F_PCOS, F_PSIN, F_POW, F_W = range(10)
-H_I = H_F + 11  # H_I + j: start of int table j (j = 0..4)
+H_F = 4  # H_F + j: start of float table j (j = 0..9, the last is the end)
+F_RING, F_WIN, F_RE, F_IM, F_TW, F_PCOS, F_PSIN, F_POW, F_W = range(9)
+H_I = H_F + 10  # H_I + j: start of int table j (j = 0..4)
 I_BITREV, I_LO, I_HI, I_OFF = range(4)
 HEADER = H_I + 5
 
@@ -165,14 +310,14 @@ def _mel_stream(x, f, ii, out):
     """Push samples ``x``; write each completed frame into ``out[:, k]``; return k.
 
     ``f`` holds the float64 tables and work buffers, ``ii`` the stream state and int tables
-    (layout: the H_/F_/I_ constants). Stops early, with the state consistent, if ``out`` is full.
+    (layout: the H_/F_/I_ constants). If ``out`` fills up before ``x`` ends, stops with the
+    state consistent, stores the samples consumed in ``ii[H_USED]`` and returns ``-1 - k``.
     """
     ring = f[ii[H_F + F_RING]:ii[H_F + F_RING + 1]]
     window = f[ii[H_F + F_WIN]:ii[H_F + F_WIN + 1]]
     re = f[ii[H_F + F_RE]:ii[H_F + F_RE + 1]]
     im = f[ii[H_F + F_IM]:ii[H_F + F_IM + 1]]
-    cos_t = f[ii[H_F + F_COS]:ii[H_F + F_COS + 1]]
-    sin_t = f[ii[H_F + F_SIN]:ii[H_F + F_SIN + 1]]
+    tw = f[ii[H_F + F_TW]:ii[H_F + F_TW + 1]]
     post_cos = f[ii[H_F + F_PCOS]:ii[H_F + F_PCOS + 1]]
     post_sin = f[ii[H_F + F_PSIN]:ii[H_F + F_PSIN + 1]]
     power = f[ii[H_F + F_POW]:ii[H_F + F_POW + 1]]
@@ -190,23 +335,27 @@ def _mel_stream(x, f, ii, out):
     i = 0
     n = x.shape[0]
     while i < n:
-        ring[pos] = x[i]
-        ring[pos + n_fft] = x[i]
-        pos += 1
+        c = min(n - i, nxt, n_fft - pos)  # samples until the block ends, a frame completes or the ring wraps
+        for j in range(c):
+            ring[pos + j] = x[i + j]
+            ring[pos + n_fft + j] = x[i + j]
+        pos += c
         if pos == n_fft:
             pos = 0
-        nxt -= 1
-        i += 1
+        nxt -= c
+        i += c
         if nxt == 0:
-            _frame_power(ring, pos, window, re, im, bitrev, cos_t, sin_t, post_cos, post_sin, power)
+            _frame_power(ring, pos, window, re, im, bitrev, tw, post_cos, post_sin, power)
             _mel_frame(power, lo, hi, off, w, out, k)
             k += 1
             nxt = hop
-            if k == cap:
-                break
+            if k == cap and i < n:
+                ii[H_POS] = pos
+                ii[H_NXT] = nxt
+                ii[H_USED] = i  # samples consumed
+                return -1 - k
     ii[H_POS] = pos
     ii[H_NXT] = nxt
-    ii[H_USED] = i  # samples consumed
     return k
 
 
@@ -222,8 +371,14 @@ def _pack(tables, dtype, header=0):
 
 
 # ---- filter bank -----------------------------------------------------------------------------
-def mel_filter_runs(sr, n_fft, n_mels, fmin, fmax):
+def mel_filter_runs(sr, n_fft, n_mels, fmin, fmax, pad: int = 1):
     """librosa's mel filter bank (Slaney, float32 values) as runs of non-zero weights.
+
+    Parameters
+    ----------
+    pad : int >= 1
+        Round every run up to a multiple of ``pad`` bins with zero weights (a run may then end
+        up to ``pad - 1`` bins past the last FFT bin: pad the power spectrum likewise).
 
     Returns
     -------
@@ -246,7 +401,9 @@ def mel_filter_runs(sr, n_fft, n_mels, fmin, fmax):
         nz = np.flatnonzero(basis[b])
         if nz.size:
             lo[b], hi[b] = nz[0], nz[-1] + 1
-        ws.append(basis[b, lo[b]:hi[b]])
+        run = basis[b, lo[b]:hi[b]]
+        hi[b] = lo[b] + -(-(hi[b] - lo[b]) // pad) * pad
+        ws.append(np.pad(run, (0, hi[b] - lo[b] - run.size)))
         off[b] = o
         o += hi[b] - lo[b]
     return lo, hi, off, np.concatenate(ws) if ws else np.zeros(0)
@@ -307,16 +464,14 @@ class StreamingMel:
 
         window = scipy.signal.get_window("hann", self.n_fft, fftbins=True).astype(np.float64)
         m = self.n_fft // 2
-        bits = m.bit_length() - 1
-        bitrev = np.array([int(format(i, f"0{bits}b")[::-1], 2) if bits else 0 for i in range(m)], np.int64)
-        j = np.arange(max(1, m // 2))
-        lo, hi, off, w = mel_filter_runs(self.sr, self.n_fft, self.n_mels, self.fmin, self.fmax)
+        bitrev = bit_reversal(m)
+        lo, hi, off, w = mel_filter_runs(self.sr, self.n_fft, self.n_mels, self.fmin, self.fmax, pad=4)
         f_tables = [np.zeros(2 * self.n_fft),  # ring: each sample at i and i + n_fft
                     window, np.zeros(m), np.zeros(m),  # window, FFT work (re, im)
-                    np.cos(2 * np.pi * j / m), -np.sin(2 * np.pi * j / m),  # FFT twiddles W_m^j
+                    fft_twiddles(m),
                     np.cos(2 * np.pi * np.arange(m + 1) / self.n_fft),  # real-split twiddles
-                    np.sin(2 * np.pi * np.arange(m + 1) / self.n_fft),
-                    np.zeros(m + 1), w]  # power spectrum, mel weights
+                    -np.sin(2 * np.pi * np.arange(m + 1) / self.n_fft),
+                    np.zeros(m + 4), w]  # power spectrum (3 zero bins past Nyquist for the padded runs), mel weights
         self._f, fs = _pack(f_tables, np.float64)
         self._ii, is_ = _pack([bitrev, lo, hi, off], np.int64, header=HEADER)
         self._ii[H_F:H_F + len(fs)] = fs
@@ -326,6 +481,7 @@ class StreamingMel:
         self._w = self._f[fs[F_W]:fs[F_W + 1]]
         self.max_frames = MAX_BLOCK_SAMPLES // self.hop_length + 1
         self._out = np.zeros((self.n_mels, self.max_frames), np.float32)
+        self._view_of, self._views = None, []
         self.reset()
         self.process(np.zeros(1, np.float32))  # compile (or load cached) kernels now
         self.reset()
@@ -347,7 +503,6 @@ class StreamingMel:
         self._ii[H_POS] = 0
         self._ii[H_NXT] = self.n_fft
         self._ii[H_HOP] = self.hop_length
-        self.frames_out = 0
 
     def process(self, block: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Push a block of samples; return the frames it completed.
@@ -367,13 +522,14 @@ class StreamingMel:
         """
         dst = self._out if out is None else out
         k = _mel_stream(block, self._f, self._ii, dst)
-        consumed = int(self._ii[H_USED])
-        if consumed < block.shape[0]:  # a block longer than `out` holds: grow (offline use only)
-            rest = self.process(block[consumed:])
-            res = np.concatenate([dst[:, :k], rest], axis=1)
-            self.frames_out += k
-            return res
-        self.frames_out += k
+        if k < 0:  # `out` filled up before the block ended: grow (offline use only)
+            k = -1 - k
+            return np.concatenate([dst[:, :k], self.process(block[int(self._ii[H_USED]):])], axis=1)
+        if dst is not self._view_of:  # views dst[:, :k] are cached: slicing costs more than the kernel call
+            self._view_of = dst
+            self._views = [dst[:, :j] for j in range(min(dst.shape[1], self.max_frames) + 1)]
+        if k < len(self._views):
+            return self._views[k]
         return dst[:, :k]
 
     __call__ = process

@@ -26,13 +26,13 @@ from numba import njit
 
 from models.errors import ParameterError, check_range
 
-from .mel import _fft_bitreversed
+from .mel import _fft_bitreversed, bit_reversal, fft_twiddles
 
 __all__ = ["PhaseReconstructor", "spectral_convergence", "stft_magnitude"]
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _synth_pair(cre, cim, t0, t1, window, bitrev, tw_re, tw_im, wre, wim, sig, pos0, pos1, hop):
+def _synth_pair(cre, cim, t0, t1, window, bitrev, tw, wre, wim, sig, pos0, pos1, hop):
     """sig[t*hop : t*hop + n] += window * irfft(C_t) for frames t0 and t1 (t1 < 0: none)."""
     n = window.shape[0]
     m = n // 2
@@ -58,7 +58,7 @@ def _synth_pair(cre, cim, t0, t1, window, bitrev, tw_re, tw_im, wre, wim, sig, p
             j = bitrev[k]
             wre[j] = cre[t0, kk]
             wim[j] = cim[t0, kk]
-    _fft_bitreversed(wre, wim, tw_re, tw_im)
+    _fft_bitreversed(wre, wim, tw)
     inv = 1.0 / n
     for i in range(n):
         sig[pos0 + i] += window[i] * wre[i] * inv
@@ -68,7 +68,7 @@ def _synth_pair(cre, cim, t0, t1, window, bitrev, tw_re, tw_im, wre, wim, sig, p
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _analyse_project_pair(y, pos0, pos1, t0, t1, window, bitrev, tw_re, tw_im, wre, wim, mag, cre, cim,
+def _analyse_project_pair(y, pos0, pos1, t0, t1, window, bitrev, tw, wre, wim, mag, cre, cim,
                           pre, pim, alpha):
     """X = rfft(window * y[pos:pos+n]); P = |S| X/|X|; C = P + α (P − P_prev); P_prev = P."""
     n = window.shape[0]
@@ -77,7 +77,7 @@ def _analyse_project_pair(y, pos0, pos1, t0, t1, window, bitrev, tw_re, tw_im, w
         j = bitrev[i]
         wre[j] = window[i] * y[pos0 + i]
         wim[j] = window[i] * y[pos1 + i] if t1 >= 0 else 0.0
-    _fft_bitreversed(wre, wim, tw_re, tw_im)
+    _fft_bitreversed(wre, wim, tw)
     for q in range(2):
         t = t0 if q == 0 else t1
         if t < 0:
@@ -110,14 +110,14 @@ def _analyse_project_pair(y, pos0, pos1, t0, t1, window, bitrev, tw_re, tw_im, w
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _synthesise(cre, cim, n_frames, window, bitrev, tw_re, tw_im, wre, wim, sig, hop):
+def _synthesise(cre, cim, n_frames, window, bitrev, tw, wre, wim, sig, hop):
     for t in range(0, n_frames, 2):
         t1 = t + 1 if t + 1 < n_frames else -1
-        _synth_pair(cre, cim, t, t1, window, bitrev, tw_re, tw_im, wre, wim, sig, t * hop, (t + 1) * hop, hop)
+        _synth_pair(cre, cim, t, t1, window, bitrev, tw, wre, wim, sig, t * hop, (t + 1) * hop, hop)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _fgla(mag, cre, cim, pre, pim, n_frames, n_iter, alpha, tail, tail_w2, w2, window, bitrev, tw_re, tw_im,
+def _fgla(mag, cre, cim, pre, pim, n_frames, n_iter, alpha, tail, tail_w2, w2, window, bitrev, tw,
           wre, wim, sig, y, hop):
     """``n_iter`` fast Griffin-Lim iterations over active frames ``0..n_frames-1``.
 
@@ -131,12 +131,12 @@ def _fgla(mag, cre, cim, pre, pim, n_frames, n_iter, alpha, tail, tail_w2, w2, w
             sig[i] = 0.0
         for i in range(nt):
             sig[i] += tail[i]
-        _synthesise(cre, cim, n_frames, window, bitrev, tw_re, tw_im, wre, wim, sig, hop)
+        _synthesise(cre, cim, n_frames, window, bitrev, tw, wre, wim, sig, hop)
         for i in range(r):
             y[i] = sig[i] * w2[i]
         for t in range(0, n_frames, 2):
             t1 = t + 1 if t + 1 < n_frames else -1
-            _analyse_project_pair(y, t * hop, (t + 1) * hop, t, t1, window, bitrev, tw_re, tw_im, wre, wim, mag,
+            _analyse_project_pair(y, t * hop, (t + 1) * hop, t, t1, window, bitrev, tw, wre, wim, mag,
                                   cre, cim, pre, pim, alpha)
 
 
@@ -180,10 +180,8 @@ class PhaseReconstructor:
         n, hop = self.n_fft, self.hop_length
         self.n_bins = n // 2 + 1
         self.window = scipy.signal.get_window("hann", n, fftbins=True).astype(np.float64)
-        bits = n.bit_length() - 1
-        self._bitrev = np.array([int(format(i, f"0{bits}b")[::-1], 2) for i in range(n)], np.int64)
-        j = np.arange(n // 2)
-        self._tw_re, self._tw_im = np.cos(2 * np.pi * j / n), -np.sin(2 * np.pi * j / n)
+        self._bitrev = bit_reversal(n)
+        self._tw = fft_twiddles(n)
         F = self.max_frames + self.lookahead
         self._mag = np.zeros((F, self.n_bins))
         self._cre, self._cim = np.zeros((F, self.n_bins)), np.zeros((F, self.n_bins))
@@ -267,7 +265,7 @@ class PhaseReconstructor:
         np.divide(1.0, w2[:r], out=w2[:r])  # the kernel multiplies
         if self.n_iter:
             _fgla(self._mag, self._cre, self._cim, self._pre, self._pim, nf, self.n_iter, self.momentum, self._tail,
-                  self._tail_w2, w2, self.window, self._bitrev, self._tw_re, self._tw_im, self._wre, self._wim,
+                  self._tail_w2, w2, self.window, self._bitrev, self._tw, self._wre, self._wim,
                   self._sig, self._y, hop)
         last = nf - 1
         a = np.hypot(self._cre[last], self._cim[last])
@@ -281,7 +279,7 @@ class PhaseReconstructor:
         sig[:max(rc, n - hop)] = 0.0
         sig[: n - hop] += self._tail
         if commit:
-            _synthesise(self._cre, self._cim, commit, self.window, self._bitrev, self._tw_re, self._tw_im, self._wre,
+            _synthesise(self._cre, self._cim, commit, self.window, self._bitrev, self._tw, self._wre,
                         self._wim, sig, hop)
         cw2 = np.zeros(max(rc, n - hop))
         cw2[: n - hop] += self._tail_w2
