@@ -59,7 +59,7 @@ class Card:
     ----------
     kind : {'classifier', 'generator'}
     name : str
-        Short model name, e.g. ``'symbtr8-compact'``.
+        Short model name, e.g. ``'symbtr8-temporal'``.
     labels : list of str
         Class (composer) names in output order.
     sr : int

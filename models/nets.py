@@ -1,4 +1,4 @@
-"""Classifier networks (``compact``, ``paper``) and the TorchScript export wrapper.
+"""Classifier networks (``temporal``, ``compact``, ``paper``) and the TorchScript export wrapper.
 
 Both networks take normalised log-mel windows of shape (batch, 1, n_mels, frames) and return
 logits; ``embed`` returns the penultimate features.
@@ -11,7 +11,7 @@ from typing import List
 import torch
 from torch import nn
 
-__all__ = ["CompactNet", "PaperNet", "ExportedClassifier", "build_net", "ARCHS", "count_params"]
+__all__ = ["CompactNet", "TemporalNet", "PaperNet", "ExportedClassifier", "build_net", "ARCHS", "count_params"]
 
 
 class _DSBlock(nn.Module):
@@ -67,6 +67,64 @@ class CompactNet(nn.Module):
         return self.head(self.dropout(self.embed(x)))
 
 
+class _TBlock(nn.Module):
+    """Residual block of two 1-D convolutions (kernel 3) over time; the first may stride."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.c1 = nn.Conv1d(cin, cout, 3, stride, 1, bias=False)
+        self.b1 = nn.BatchNorm1d(cout)
+        self.c2 = nn.Conv1d(cout, cout, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm1d(cout)
+        self.skip = nn.Conv1d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        return torch.relu(self.b2(self.c2(y)) + self.skip(x))
+
+
+class TemporalNet(nn.Module):
+    """1-D convolutions over time with the mel bands as channels: the cheapest network per window.
+
+    The mel window is first averaged over ``pool`` frames (so a longer window costs no more),
+    then a strided stem and three strided residual blocks run along time; mean+max pooling over
+    time and a linear head give the logits.
+
+    Parameters
+    ----------
+    n_classes : int
+    n_mels : int
+    widths : tuple of int
+        Channels of the stem and the three blocks.
+    pool : int >= 1
+        Frames averaged before the first convolution.
+    dropout : float
+    """
+
+    def __init__(self, n_classes: int, n_mels: int = 128, widths=(64, 96, 128, 160), pool: int = 1,
+                 dropout: float = 0.3):
+        super().__init__()
+        self.pool = nn.AvgPool1d(pool) if pool > 1 else nn.Identity()
+        self.stem = nn.Sequential(nn.Conv1d(n_mels, widths[0], 3, 2, 1, bias=False), nn.BatchNorm1d(widths[0]),
+                                  nn.ReLU())
+        blocks = []
+        cin = widths[0]
+        for w in widths[1:]:
+            blocks.append(_TBlock(cin, w, 2))
+            cin = w
+        self.blocks = nn.Sequential(*blocks)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(2 * cin, n_classes)
+        self.embed_dim = 2 * cin
+
+    def embed(self, x):
+        h = self.blocks(self.stem(self.pool(x.squeeze(1))))  # (B, C, T')
+        return torch.cat([h.mean(dim=2), h.amax(dim=2)], dim=1)
+
+    def forward(self, x):
+        return self.head(self.dropout(self.embed(x)))
+
+
 class PaperNet(nn.Module):
     """The paper's exp-5 network: 6 × [Conv 128 5×5, ReLU, MaxPool 2, Dropout 0.3], Dense 256, Dense 128, output.
 
@@ -97,12 +155,14 @@ class PaperNet(nn.Module):
         return self.out(self.embed(x))
 
 
-ARCHS = {"compact": CompactNet, "paper": PaperNet}
+ARCHS = {"compact": CompactNet, "temporal": TemporalNet, "paper": PaperNet}
 
 
 def build_net(arch: str, n_classes: int, n_mels: int, frames: int) -> nn.Module:
     if arch == "compact":
         return CompactNet(n_classes)
+    if arch == "temporal":
+        return TemporalNet(n_classes, n_mels, pool=max(1, frames // 216))
     if arch == "paper":
         return PaperNet(n_classes, n_mels, frames)
     raise ValueError(f"unknown arch {arch!r}")

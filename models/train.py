@@ -25,8 +25,9 @@ from .errors import BundleError, DataError, ParameterError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "train", "evaluate_windows", "SYMBTR_LICENCE"]
+__all__ = ["ARCH_NAMES", "TrainConfig", "train", "evaluate_windows", "SYMBTR_LICENCE"]
 
+ARCH_NAMES = ("compact", "temporal", "paper")  # models.nets.ARCHS, without importing torch
 SYMBTR_LICENCE = ("CC BY-NC-SA 4.0. Trained on audio rendered from SymbTr (M. K. Karaosmanoğlu, "
                   "'A Turkish makam music symbolic database for music information retrieval: SymbTr', "
                   "ISMIR 2012; Music Technology Group, Universitat Pompeu Fabra). No commercial use; "
@@ -37,7 +38,7 @@ SYMBTR_LICENCE = ("CC BY-NC-SA 4.0. Trained on audio rendered from SymbTr (M. K.
 class TrainConfig:
     """Training settings (all stored in the checkpoint and the bundle card)."""
 
-    arch: str = "compact"
+    arch: str = "temporal"
     epochs: int = 30
     batch_size: int = 32
     lr: float = 2e-3
@@ -57,8 +58,8 @@ class TrainConfig:
     time_budget_s: float = 0.0  # 0 = none; stop after the epoch that crosses it
 
     def validate(self):
-        if self.arch not in ("compact", "paper"):
-            raise ParameterError(f"arch: {self.arch!r} is not one of ['compact', 'paper']")
+        if self.arch not in ARCH_NAMES:
+            raise ParameterError(f"arch: {self.arch!r} is not one of {list(ARCH_NAMES)}")
         for k in ("epochs", "batch_size", "window_frames", "train_hop_frames", "eval_hop_frames"):
             if getattr(self, k) < 1:
                 raise ParameterError(f"{k}: must be >= 1, got {getattr(self, k)}")

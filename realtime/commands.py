@@ -111,7 +111,9 @@ def register(sub) -> None:
     s = sub.add_parser("train", help="train a composer classifier and export a bundle")
     s.add_argument("data_dir", type=Path, help="folder with one sub-folder of audio files per composer")
     s.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to create")
-    s.add_argument("--arch", choices=["compact", "paper"], default="compact")
+    s.add_argument("--arch", choices=["temporal", "compact", "paper"], default="temporal",
+                   help="temporal: 1-D convolutions over time (default, shipped); compact: 2-D depthwise-separable CNN; "
+                        "paper: the paper's exp-5 CNN")
     s.add_argument("--epochs", type=int, default=30)
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--lr", type=float, default=2e-3)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from models.errors import ParameterError
 
-__all__ = ["Preset", "PresetError", "load_preset", "shipped_presets", "PRESETS_DIR", "FX_PLUGINS"]
+__all__ = ["Preset", "PresetError", "load_preset", "shipped_presets", "PRESETS_DIR", "FX_PLUGINS", "BLOCK_INVARIANT_FX", "block_invariant"]
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -54,8 +54,16 @@ ENUMS = {("midi", "keys"): ("cyclic", "range")}
 TOP_LEVEL = {"description": str, "engine": dict, "classifier": dict, "generator": dict, "midi": dict, "fx": list}
 FX_PLUGINS = ("Bitcrush", "Chorus", "Clipping", "Compressor", "Delay", "Distortion", "Gain", "HighShelfFilter",
               "HighpassFilter", "LadderFilter", "Limiter", "LowShelfFilter", "LowpassFilter", "NoiseGate",
-              "PeakFilter", "Phaser", "PitchShift", "Reverb")
+              "PeakFilter", "Phaser", "Reverb")
+# Streamed with reset=False (as tarab must), pedalboard 0.9's PitchShift returns only silence
+# (spotify/pedalboard#415, fix pending in #486), so presets cannot use it.
+UNSTREAMABLE = {"PitchShift": "pedalboard's PitchShift outputs only silence when streamed "
+                              "(spotify/pedalboard#415); use an external pitch-shift plugin (plugin = \"vst3\")"}
 EXTERNAL = ("vst3", "au")
+# Built-in plugins whose streaming output (reset=False) does not depend on the block size, bit for
+# bit, as long as one stream uses one block length (the last block may be shorter) —
+# tests/test_render.py checks each at 256 and 8192. External plugins are unknown.
+BLOCK_INVARIANT_FX = FX_PLUGINS
 
 
 class PresetError(ParameterError):
@@ -91,6 +99,11 @@ class Preset:
         import pedalboard
 
         return pedalboard.Pedalboard([_make_plugin(self.path, i, spec) for i, spec in enumerate(self.fx)])
+
+
+def block_invariant(board) -> bool:
+    """True when every plugin of ``board`` is a built-in of :data:`BLOCK_INVARIANT_FX`."""
+    return all(type(p).__name__ in BLOCK_INVARIANT_FX and type(p).__module__.startswith("pedalboard") for p in board)
 
 
 def _where(path, key):
@@ -136,6 +149,8 @@ def _make_plugin(path, i, spec):
             except Exception as e:
                 raise PresetError(f"{_where(path, key)}.parameters.{k}: {e}") from None
         return plugin
+    if name in UNSTREAMABLE:
+        raise PresetError(f"{_where(path, key)}.plugin: {name!r} cannot be used: {UNSTREAMABLE[name]}")
     if name not in FX_PLUGINS:
         raise PresetError(f"{_where(path, key)}.plugin: {name!r} is not one of {', '.join(FX_PLUGINS + EXTERNAL)}")
     cls = getattr(pedalboard, name)

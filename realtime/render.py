@@ -25,6 +25,7 @@ import numpy as np
 
 from models.errors import DataError, ParameterError, check_range
 
+from .presets import block_invariant
 from .ring import Ring
 from .units import Chain, Unit
 
@@ -125,11 +126,21 @@ class FxUnit(Unit):
 
     :meth:`switch` swaps the chain between blocks (a MIDI program change): one reference
     assignment, so the callback sees either the old or the new board.
+
+    A plugin with latency (PitchShift) streams fewer samples than it is given until its buffers
+    fill, and then may return them in bursts. The unit always returns one output sample per input
+    sample: silence until the chain's output starts, then the chain's output delayed by the
+    largest lag seen so far (a preallocated FIFO absorbs the bursts).
     """
 
     def __init__(self, board):
         super().__init__()
         self.board = board
+        self.lagging = False  # True once the chain returned a block of another length
+
+    def _prepare(self):
+        self._fifo = Ring(self.channels, 8 * max(self.block_size, 8192))
+        self.lagging = False
 
     def switch(self, board) -> None:
         board.reset()
@@ -144,13 +155,31 @@ class FxUnit(Unit):
             out[:, :n] = block
             return out[:, :n]
         y = board.process(block, float(self.sr), buffer_size=max(self.block_size, n), reset=False)
+        if y.shape[1] != n or self.lagging:
+            return self._delayed(y, n, out)
         if out is None:
             return y
         out[:, :n] = y
         return out[:, :n]
 
+    def _delayed(self, y, n, out):
+        self.lagging = True
+        if y.shape[1]:
+            self._fifo.write(y)
+        if out is None:
+            out = np.empty((self.channels, n), np.float32)
+        have = self._fifo.available()
+        if have >= n:
+            self._fifo.read_into(out[:, :n])
+        else:  # the lag grew: silence first, then what the chain has given
+            out[:, :n - have] = 0.0
+            self._fifo.read_into(out[:, n - have:n])
+        return out[:, :n]
+
     def reset(self):
         self.board.reset()
+        if self.block_size is not None:
+            self._prepare()
 
 
 def build_chain(classifier_unit, *, layer_source=None, level_db: float = DEFAULT_LAYER_DB, board=None) -> Chain:
@@ -197,7 +226,8 @@ def sidecar_paths(out: Path) -> tuple[Path, Path]:
 
 def render_file(in_path, out_path, *, preset, classifier, generator=None, layer: str = "none",
                 level_db: float = DEFAULT_LAYER_DB, seed: int = 0, block_size: int | None = None,
-                timeline_png: bool = False, force: bool = False, progress: bool = True) -> dict:
+                timeline_png: bool = False, force: bool = False, progress: bool = True,
+                engine_blocks: bool | None = None) -> dict:
     """Render a file through the chain into ``out_path`` (atomic), with a JSON timeline sidecar.
 
     Parameters
@@ -211,6 +241,12 @@ def render_file(in_path, out_path, *, preset, classifier, generator=None, layer:
         Level of the generated layer [dB].
     block_size : int or None
         Default: the preset's engine block size (the live engine's), else 256.
+    engine_blocks : bool or None
+        Process in blocks of ``block_size``, as the live engine does. ``None`` (default) does so
+        only when the result could depend on it: with a generated layer (it follows the
+        estimates, which arrive between blocks) or an FX plugin outside
+        :data:`~realtime.presets.BLOCK_INVARIANT_FX`. Otherwise whole read chunks (8192-sample
+        multiples) go through the chain at once — the same samples and the same timeline, faster.
     """
     from tqdm import tqdm
 
@@ -249,10 +285,13 @@ def render_file(in_path, out_path, *, preset, classifier, generator=None, layer:
                                  f"({', '.join(classifier.card.labels)})")
     unit = ClassifierUnit(classifier.card)
     board = preset.build_fx()
-    chain = build_chain(unit, layer_source=source, level_db=level_db, board=board).prepare(sr, block, channels)
+    read = block * max(1, 8192 // block)  # read and write in big chunks, process in engine-sized blocks
+    if engine_blocks is None:
+        engine_blocks = source is not None or not block_invariant(board)
+    step = block if engine_blocks else read
+    chain = build_chain(unit, layer_source=source, level_db=level_db, board=board).prepare(sr, step, channels)
     est = Estimator(classifier, unit, cls.get("rate_hz", 4.0), cls.get("smoothing_s", 2.0), cls.get("silence_db", -55.0))
     director = LayerDirector(source, layer, seed) if source is not None else None
-    read = block * max(1, 8192 // block)  # read and write in big chunks, process in engine-sized blocks
     out_buf = np.zeros((channels, read), np.float32)
     mel_cols = [] if timeline_png else None
     n_done, peak = 0, 0.0
@@ -264,8 +303,8 @@ def render_file(in_path, out_path, *, preset, classifier, generator=None, layer:
                                        leave=False, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{rate_fmt}]"))
         for _, chunk in read_blocks(in_path, read):
             m = chunk.shape[1]
-            for a in range(0, m, block):
-                x = chunk[:, a:a + block]
+            for a in range(0, m, step):
+                x = chunk[:, a:a + step]
                 w0 = unit.ring.written
                 chain.process(x, out=out_buf[:, a:a + x.shape[1]])
                 if mel_cols is not None and unit.ring.written > w0:
@@ -298,6 +337,7 @@ def render_file(in_path, out_path, *, preset, classifier, generator=None, layer:
                    "layer_composers": sorted({e["leader"] for e in timeline if not e.get("listening")})
                    if layer == "auto" else ([layer] if layer != "none" else []),
                    "preset": preset.name, "fx": [s.get("plugin") for s in preset.fx], "block_size": block,
+                   "processed_in": "engine blocks" if engine_blocks else f"{read}-sample chunks",
                    "peak": round(peak, 4), "latency_samples": chain.latency_samples,
                    "timeline_json": str(js_path), "timeline_png": str(png_path) if timeline_png else None}
         js_tmp.write_text(json.dumps({**summary, "timeline": timeline}, indent=1) + "\n")

@@ -79,7 +79,7 @@ def tiny_models(tmp_path_factory):
     data = make_dataset(root / "data", pieces=4, seconds=6.0)
     sm = StreamingMel()
     common = dict(featurizer=sm.transform, mel_config=sm.config, cache_dir=root / "cache", progress=False)
-    train(data, root / "classifier", config=TrainConfig(epochs=4, batch_size=8, window_frames=32, train_hop_frames=8,
+    train(data, root / "classifier", config=TrainConfig(arch="compact", epochs=4, batch_size=8, window_frames=32, train_hop_frames=8,
                                                         eval_hop_frames=16, val_frac=0.25, test_frac=0.25), **common)
     train_generator(data, root / "generator", config=GenConfig(frames=16, hop_frames=4, latent=8, cond=4, channels=32,
                                                               epochs=12, batch_size=8, val_frac=0.25, test_frac=0.25),

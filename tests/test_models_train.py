@@ -16,7 +16,7 @@ from models.train import TrainConfig, train
 from realtime.mel import StreamingMel
 from synth import make_dataset
 
-TINY = dict(epochs=2, batch_size=8, window_frames=32, train_hop_frames=16, eval_hop_frames=16, patience=5,
+TINY = dict(arch="compact", epochs=2, batch_size=8, window_frames=32, train_hop_frames=16, eval_hop_frames=16, patience=5,
             val_frac=0.25, test_frac=0.25)
 
 
@@ -98,6 +98,14 @@ def test_feature_cache_uses_streaming_mel_and_skips_unreadable(tmp_path, dataset
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.npy")} == mtime
     ws = WindowSet([i for i in items if i.path in feats], feats, ["alpha", "beta", "gamma"], 32, 16)
     assert len(ws) > 0 and ws.window(0).shape == (128, 32)
+
+
+def test_temporal_arch_learns_the_synthetic_styles(tmp_path, dataset, mel):
+    """The shipped architecture (1-D convolutions over time) trains, exports and scripts like the others."""
+    res = _train(dataset, tmp_path / "t", mel, tmp_path / "cache", cfg=dict(arch="temporal", epochs=30, patience=30))
+    b = load_bundle(tmp_path / "t", kind="classifier")
+    assert b.card.name.endswith("-temporal") and b.card.extra["arch"] == "temporal"
+    assert res["test"]["window_accuracy"] > 0.5
 
 
 def test_train_export_and_refusals(tmp_path, dataset, mel):

@@ -13,7 +13,7 @@ from conftest import REPO, run_cli
 from realtime import AudioEngine, Chain, Recorder
 from realtime.classify import ClassifierUnit, load_classifier
 from realtime.generate import Generator, load_generator
-from realtime.presets import load_preset
+from realtime.presets import BLOCK_INVARIANT_FX, load_preset
 from realtime.render import build_chain, render_file
 
 CLIP = REPO / "realtime" / "clips" / "demo.ogg"
@@ -213,6 +213,92 @@ def test_pedalboard_streaming_is_block_size_independent():
     parts = [board.process(x[:, a:a + 256], 22050, buffer_size=256, reset=False) for a in range(0, x.shape[1], 256)]
     np.testing.assert_allclose(np.concatenate(parts, axis=1), whole, atol=1e-6)
     assert isinstance(board, pedalboard.Pedalboard)
+
+
+@pytest.mark.parametrize("name", BLOCK_INVARIANT_FX)
+def test_block_invariant_plugins_give_the_same_samples_in_engine_blocks_and_in_chunks(name):
+    """What lets `render` process whole chunks: each listed plugin, streamed as the live engine does
+    (256-sample blocks) and as `render` does (8192-sample chunks, the last one shorter), gives the
+    same samples bit for bit. (Irregular block lengths would not: pedalboard's plugins keep
+    per-block state, so the engine and `render` always use one block length per stream.)"""
+    x = (0.3 * np.random.default_rng(3).standard_normal((2, 22050 * 3 + 123))).astype(np.float32)
+    outs = []
+    for b in (256, 8192):
+        plugin = getattr(pedalboard, name)()
+        if hasattr(plugin, "gain_db"):  # shelf/peak filters and Gain are the identity at 0 dB
+            plugin.gain_db = 6.0
+        if hasattr(plugin, "threshold_db"):  # the default Compressor/NoiseGate thresholds leave this signal alone
+            plugin.threshold_db = -12.0
+        if hasattr(plugin, "ratio"):
+            plugin.ratio = 4.0
+        board = pedalboard.Pedalboard([plugin])
+        outs.append(np.concatenate([board.process(x[:, a:a + b], 22050.0, buffer_size=b, reset=False)
+                                    for a in range(0, x.shape[1], b)], axis=1))
+    assert outs[0].shape == x.shape and np.array_equal(outs[0], outs[1])
+    assert not np.array_equal(outs[0], x)  # the plugin did something
+
+
+def test_render_in_chunks_equals_render_in_engine_blocks(classifier, tmp_path):
+    """Without a layer and with block-invariant FX, `render` runs whole chunks through the chain:
+    the output samples and the classification timeline equal the engine-block render exactly."""
+    preset = load_preset("default")
+    clip, sr = sf.read(CLIP, dtype="float32", frames=22050 * 12)
+    src = tmp_path / "in.wav"
+    sf.write(src, clip, sr, subtype="FLOAT")
+    a = render_file(src, tmp_path / "chunks.wav", preset=preset, classifier=classifier, progress=False)
+    b = render_file(src, tmp_path / "blocks.wav", preset=preset, classifier=classifier, progress=False,
+                    engine_blocks=True)
+    assert a["processed_in"] == "8192-sample chunks" and b["processed_in"] == "engine blocks"
+    ya, yb = sf.read(tmp_path / "chunks.wav", dtype="float32")[0], sf.read(tmp_path / "blocks.wav", dtype="float32")[0]
+    assert len(ya) == len(clip) and np.array_equal(ya, yb) and np.abs(ya).max() > 0.01
+    ta = json.loads((tmp_path / "chunks.timeline.json").read_text())["timeline"]
+    tb = json.loads((tmp_path / "blocks.timeline.json").read_text())["timeline"]
+    assert len(ta) == len(tb) >= 20
+    assert [e["probabilities"] for e in ta] == [e["probabilities"] for e in tb]
+    assert [(e["time"], e["leader"]) for e in ta] == [(e["time"], e["leader"]) for e in tb]
+    assert b["windows"] == a["windows"]
+
+
+class _LaggingBoard:
+    """A stand-in for a chain with latency: nothing for 3 blocks, then bursts (like a plugin that
+    works on internal frames)."""
+
+    def __init__(self):
+        self.fifo, self.calls = np.zeros((1, 0), np.float32), 0
+
+    def __len__(self):
+        return 1
+
+    def process(self, x, sr, buffer_size, reset):
+        self.fifo = np.concatenate([self.fifo, x], axis=1)
+        self.calls += 1
+        if self.calls <= 3 or self.calls % 2:
+            return np.zeros((1, 0), np.float32)
+        y, self.fifo = self.fifo[:, :-100], self.fifo[:, -100:]  # hold back 100 samples
+        return y
+
+
+def test_fx_unit_delays_a_lagging_chain_instead_of_failing():
+    """A chain that returns fewer or more samples than it got: the unit still returns one sample per
+    input sample — silence first, then the chain's output, in order, delayed by its largest lag."""
+    from realtime.render import FxUnit
+
+    unit = FxUnit(_LaggingBoard()).prepare(22050, 256, 1)
+    x = np.arange(1, 256 * 40 + 1, dtype=np.float32)[None]
+    y = np.concatenate([unit.process(x[:, a:a + 256]).copy() for a in range(0, x.shape[1], 256)], axis=1)
+    assert y.shape == x.shape and unit.lagging
+    start = int(np.flatnonzero(y[0])[0])
+    assert np.all(y[0, :start] == 0) and 3 * 256 <= start <= 6 * 256
+    got = y[0, start:]
+    assert np.array_equal(got, x[0, :got.size])  # the chain's samples, in order, none lost or repeated
+
+
+def test_presets_reject_pitch_shift_with_the_reason(tmp_path):
+    p = tmp_path / "pitch.toml"
+    p.write_text('description = "pitch"\n[[fx]]\nplugin = "PitchShift"\nsemitones = 2.0\n')
+    r = run_cli("render", CLIP, "-o", tmp_path / "o.wav", "--preset", p)
+    assert r.returncode == 2 and "spotify/pedalboard#415" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "o.wav").exists()
 
 
 def test_live_cli_runs_the_render_chain(jack_probe, tiny_models):
