@@ -28,11 +28,12 @@ from .units import Unit
 log = logging.getLogger(__name__)
 
 __all__ = ["ClassifierUnit", "Estimator", "Estimate", "ClassifierWorker", "DEFAULT_RATE_HZ",
-           "DEFAULT_TIME_CONSTANT_S", "DEFAULT_SILENCE_DB"]
+           "DEFAULT_TIME_CONSTANT_S", "DEFAULT_SILENCE_DB", "OFFLINE_BATCH"]
 
 DEFAULT_RATE_HZ = 4.0
 DEFAULT_TIME_CONSTANT_S = 2.0
 DEFAULT_SILENCE_DB = -55.0
+OFFLINE_BATCH = 32  # windows per model call when classifying files (Estimator.poll(batch=...))
 
 
 class ClassifierUnit(Unit):
@@ -164,6 +165,7 @@ class Estimator:
         W = self.card.window_frames
         self._window = np.zeros((self.card.n_mels, W), np.float32)
         self._x = torch.zeros(1, self.card.n_mels, W)
+        self._batch = None  # (batch, n_mels, W) for batched polls, allocated on first use
         # white noise of variance 1 gives E[sum of mel power] = sum(window^2) * sum(filter weights)
         self._level_ref = float(np.sum(unit.mel._window ** 2) * np.sum(unit.mel._w))
         self.reset()
@@ -184,12 +186,15 @@ class Estimator:
 
     def _classify(self, end: int) -> Estimate:
         torch = self.torch
-        W = self._window
-        power = float(W.sum(axis=0).mean())
-        level_db = 10.0 * math.log10(power / self._level_ref + 1e-30)
-        self._x[0].copy_(torch.from_numpy(W))
+        self._x[0].copy_(torch.from_numpy(self._window))
         with torch.inference_mode():
             p = self.bundle.module(self._x)[0].numpy().astype(np.float64)
+        return self._publish(end, self._window, p)
+
+    def _publish(self, end: int, W: np.ndarray, p: np.ndarray) -> Estimate:
+        """The estimate for the window ``W`` ending at frame ``end`` with model output ``p``."""
+        power = float(W.sum(axis=0).mean())
+        level_db = 10.0 * math.log10(power / self._level_ref + 1e-30)
         listening = level_db < self.silence_db
         if not listening:
             self._ema = p.copy() if self._ema is None else (1 - self.alpha) * self._ema + self.alpha * p
@@ -201,8 +206,20 @@ class Estimator:
         self.latest = e
         return e
 
-    def poll(self) -> int:
-        """Classify every window that has become due; returns how many were classified."""
+    def due(self) -> int:
+        """Windows that have become due and are not classified yet."""
+        written = self.unit.ring.written
+        return 0 if written < self.next_end else 1 + (written - self.next_end) // self.hop_frames
+
+    def poll(self, batch: int = 1) -> int:
+        """Classify every window that has become due; returns how many were classified.
+
+        ``batch > 1`` (offline, where nothing waits for an estimate) runs up to ``batch`` due
+        windows through the model at once: the same estimates (to float rounding, < 1e-6) at
+        about half the cost per window for batches of 16 or more.
+        """
+        if batch > 1:
+            return self._poll_batched(batch)
         ring = self.unit.ring
         done = 0
         while self.next_end <= ring.written:
@@ -215,6 +232,26 @@ class Estimator:
                 self.next_end += max(1, behind) * self.hop_frames
                 continue
             self.next_end += self.hop_frames
+        return done
+
+    def _poll_batched(self, batch: int) -> int:
+        torch = self.torch
+        ring = self.unit.ring
+        if self._batch is None or self._batch.shape[0] < batch:
+            self._batch = np.zeros((batch, self.card.n_mels, self.card.window_frames), np.float32)
+        done = 0
+        while self.next_end <= ring.written:
+            ends = []
+            while len(ends) < batch and self.next_end <= ring.written:
+                if not ring.peek(self.next_end, self._batch[len(ends)]):
+                    raise RuntimeError("classifier ring overrun in a batched poll (poll more often)")
+                ends.append(self.next_end)
+                self.next_end += self.hop_frames
+            with torch.inference_mode():
+                probs = self.bundle.module(torch.from_numpy(self._batch[:len(ends)])).numpy().astype(np.float64)
+            for i, end in enumerate(ends):
+                self._publish(end, self._batch[i], probs[i])
+            done += len(ends)
         return done
 
     def finish(self) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 from models.data import open_audio
 from models.errors import DataError
 
-from .classify import ClassifierUnit, Estimator
+from .classify import OFFLINE_BATCH, ClassifierUnit, Estimator
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ def classify_file(path, bundle, *, rate_hz: float, time_constant_s: float, silen
         step(*a)
         if keep_mel and unit.ring.written > w0:
             mel_cols.append(_ring_tail(unit.ring, unit.ring.written - w0))
-        est.poll()
+        if est.due() >= OFFLINE_BATCH:
+            est.poll(batch=OFFLINE_BATCH)
 
     for sr_, block in read_blocks(path, block_size):
         if est is None:
@@ -92,6 +93,7 @@ def classify_file(path, bundle, *, rate_hz: float, time_constant_s: float, silen
         run(unit.process, block)
         n += block.shape[1]
     run(unit.flush)  # the resampler's tail
+    est.poll(batch=OFFLINE_BATCH)
     est.finish()
     mel = np.concatenate(mel_cols, axis=1) if mel_cols else None
     return FileResult(str(path), list(bundle.card.labels), est.mean_probs(), est, n / sr, mel)

@@ -254,7 +254,7 @@ def render_file(in_path, out_path, *, preset, classifier, generator=None, layer:
 
     from .atomic import atomic_output, check_writable
     from .audiofile import AudioWriter, check_audio_path
-    from .classify import ClassifierUnit, Estimator
+    from .classify import OFFLINE_BATCH, ClassifierUnit, Estimator
     from .offline import _ring_tail, read_blocks
 
     in_path, out = Path(in_path), Path(out_path)
@@ -310,7 +310,10 @@ def render_file(in_path, out_path, *, preset, classifier, generator=None, layer:
                 if mel_cols is not None and unit.ring.written > w0:
                     mel_cols.append(_ring_tail(unit.ring, unit.ring.written - w0))
                 k0 = len(est.estimates)
-                est.poll()
+                if engine_blocks:
+                    est.poll()
+                elif est.due() >= OFFLINE_BATCH:  # nothing follows the estimates: classify in batches
+                    est.poll(batch=OFFLINE_BATCH)
                 if director is not None:
                     for e in est.estimates[k0:]:
                         director.on_estimate(e, est.labels)
@@ -325,7 +328,7 @@ def render_file(in_path, out_path, *, preset, classifier, generator=None, layer:
         unit.flush()
         if mel_cols is not None and unit.ring.written > w0:
             mel_cols.append(_ring_tail(unit.ring, unit.ring.written - w0))
-        est.poll()
+        est.poll(batch=1 if engine_blocks else OFFLINE_BATCH)
         est.finish()
         labels = est.labels
         timeline = [e.as_dict(labels) for e in est.estimates]

@@ -254,7 +254,9 @@ def test_render_in_chunks_equals_render_in_engine_blocks(classifier, tmp_path):
     ta = json.loads((tmp_path / "chunks.timeline.json").read_text())["timeline"]
     tb = json.loads((tmp_path / "blocks.timeline.json").read_text())["timeline"]
     assert len(ta) == len(tb) >= 20
-    assert [e["probabilities"] for e in ta] == [e["probabilities"] for e in tb]
+    pa = np.array([list(e["probabilities"].values()) for e in ta])
+    pb = np.array([list(e["probabilities"].values()) for e in tb])
+    np.testing.assert_allclose(pa, pb, atol=2e-5)  # batched inference: equal to float rounding
     assert [(e["time"], e["leader"]) for e in ta] == [(e["time"], e["leader"]) for e in tb]
     assert b["windows"] == a["windows"]
 
