@@ -33,7 +33,19 @@ class _DSBlock(nn.Module):
         return torch.relu(y)
 
 
-class CompactNet(nn.Module):
+class _PooledNet(nn.Module):
+    """Shared tail: ``embed`` (pooled features) → dropout → linear head."""
+
+    def _head(self, dim: int, n_classes: int, dropout: float):
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(dim, n_classes)
+        self.embed_dim = dim
+
+    def forward(self, x):
+        return self.head(self.dropout(self.embed(x)))
+
+
+class CompactNet(_PooledNet):
     """A CPU-sized CNN: a strided stem, 8 depthwise-separable blocks, mean+max pooling, linear head.
 
     Parameters
@@ -54,17 +66,12 @@ class CompactNet(nn.Module):
             blocks += [_DSBlock(cin, w, 2), _DSBlock(w, w, 1)]
             cin = w
         self.blocks = nn.Sequential(*blocks)
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(2 * cin, n_classes)
-        self.embed_dim = 2 * cin
+        self._head(2 * cin, n_classes, dropout)
 
     def embed(self, x):
         h = self.blocks(self.stem(x))  # (B, C, F', T')
         h = h.mean(dim=2)  # pool frequency → (B, C, T')
         return torch.cat([h.mean(dim=2), h.amax(dim=2)], dim=1)
-
-    def forward(self, x):
-        return self.head(self.dropout(self.embed(x)))
 
 
 class _TBlock(nn.Module):
@@ -83,7 +90,7 @@ class _TBlock(nn.Module):
         return torch.relu(self.b2(self.c2(y)) + self.skip(x))
 
 
-class TemporalNet(nn.Module):
+class TemporalNet(_PooledNet):
     """1-D convolutions over time with the mel bands as channels: the cheapest network per window.
 
     The mel window is first averaged over ``pool`` frames (so a longer window costs no more),
@@ -113,16 +120,11 @@ class TemporalNet(nn.Module):
             blocks.append(_TBlock(cin, w, 2))
             cin = w
         self.blocks = nn.Sequential(*blocks)
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(2 * cin, n_classes)
-        self.embed_dim = 2 * cin
+        self._head(2 * cin, n_classes, dropout)
 
     def embed(self, x):
         h = self.blocks(self.stem(self.pool(x.squeeze(1))))  # (B, C, T')
         return torch.cat([h.mean(dim=2), h.amax(dim=2)], dim=1)
-
-    def forward(self, x):
-        return self.head(self.dropout(self.embed(x)))
 
 
 class PaperNet(nn.Module):

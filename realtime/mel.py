@@ -133,6 +133,27 @@ def _radix4_short(re, im, tw, o, h):
             im[j0 + 3 * h] = bi + ur
 
 
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _first_butterfly(re, im, s, ar0, ai0, ar1, ai1, ar2, ai2, ar3, ai3):
+    """The first merged pass on the values bound for positions ``s .. s + 3`` (twiddles 1 and -i)."""
+    ar = ar0 + ar1
+    ai = ai0 + ai1
+    br = ar0 - ar1
+    bi = ai0 - ai1
+    cr = ar2 + ar3
+    ci = ai2 + ai3
+    dr = ar2 - ar3
+    di = ai2 - ai3
+    re[s] = ar + cr
+    im[s] = ai + ci
+    re[s + 2] = ar - cr
+    im[s + 2] = ai - ci
+    re[s + 1] = br + di
+    im[s + 1] = bi - dr
+    re[s + 3] = br - di
+    im[s + 3] = bi + dr
+
+
 @njit(cache=True, nogil=True, fastmath=True)
 def _fft_bitreversed(re, im, tw):
     """Radix-2^2 decimation-in-time FFT of input already in bit-reversed order, in place.
@@ -161,22 +182,7 @@ def _fft_bitreversed(re, im, tw):
         h = 2
     if h == 1 and n >= 4:  # first merged pass: every twiddle is 1 (and -i), additions only
         for s in range(0, n, 4):
-            ar = re[s] + re[s + 1]
-            ai = im[s] + im[s + 1]
-            br = re[s] - re[s + 1]
-            bi = im[s] - im[s + 1]
-            cr = re[s + 2] + re[s + 3]
-            ci = im[s + 2] + im[s + 3]
-            dr = re[s + 2] - re[s + 3]
-            di = im[s + 2] - im[s + 3]
-            re[s] = ar + cr
-            im[s] = ai + ci
-            re[s + 2] = ar - cr
-            im[s + 2] = ai - ci
-            re[s + 1] = br + di
-            im[s + 1] = bi - dr
-            re[s + 3] = br - di
-            im[s + 3] = bi + dr
+            _first_butterfly(re, im, s, re[s], im[s], re[s + 1], im[s + 1], re[s + 2], im[s + 2], re[s + 3], im[s + 3])
         h = 4
     _fft_passes(re, im, tw, h)
 
@@ -231,22 +237,7 @@ def _frame_power(ring, pos, window, re, im, bitrev, tw, post_cos, post_sin, powe
             x2i = ring[p2 + 1] * window[2 * k + 4 * q + 1]
             x3r = ring[p3] * window[2 * k + 6 * q]
             x3i = ring[p3 + 1] * window[2 * k + 6 * q + 1]
-            ar = x0r + x2r
-            ai = x0i + x2i
-            br = x0r - x2r
-            bi = x0i - x2i
-            cr = x1r + x3r
-            ci = x1i + x3i
-            dr = x1r - x3r
-            di = x1i - x3i
-            re[s] = ar + cr
-            im[s] = ai + ci
-            re[s + 2] = ar - cr
-            im[s + 2] = ai - ci
-            re[s + 1] = br + di
-            im[s + 1] = bi - dr
-            re[s + 3] = br - di
-            im[s + 3] = bi + dr
+            _first_butterfly(re, im, s, x0r, x0i, x2r, x2i, x1r, x1i, x3r, x3i)
         _fft_passes(re, im, tw, 4)
     else:
         for k in range(m):  # windowed even/odd samples, stored in bit-reversed order for the FFT

@@ -51,6 +51,35 @@ def corpus():
     return CORPUS
 
 
+def _stat(st, key):
+    return st[key] if isinstance(st, dict) else getattr(st, key)
+
+
+def tarab_on_time(st) -> bool:
+    """No xrun caused by tarab: JACK reported none, or every engine callback met its deadline.
+
+    ``st`` is an ``EngineStats`` or its dict (the CLI's JSON ``end`` event)."""
+    return _stat(st, "xruns") == 0 or _stat(st, "callback_max_ms") < _stat(st, "block_period_ms")
+
+
+def repeat_on_graph_xrun(run, stats_of=lambda r: r, attempts: int = 3):
+    """Run a JACK scenario; run it again (up to ``attempts`` runs) while JACK reports an xrun.
+
+    On this 2-vCPU Firecracker VM the JACK dummy server reports xruns in some runs with every tarab
+    callback at 1–2 ms of its 11.6 ms period (its timer or the Python probe client was late; the
+    kernel's DAMON pageout adds page faults): the README's "Real-time figures on this VM". Tests
+    then assert :func:`tarab_on_time` on the last run.
+    """
+    for i in range(attempts):
+        r = run()
+        st = stats_of(r)
+        if not _stat(st, "xruns"):
+            return r
+        print(f"graph xruns {_stat(st, 'xruns')}, max engine callback {_stat(st, 'callback_max_ms'):.2f} ms"
+              + (": run repeated" if i + 1 < attempts else ": last run"))
+    return r
+
+
 def run_cli(*args, env=None, timeout=300, input=None):
     """Run ``python -m realtime.cli ARGS`` in a subprocess; returns CompletedProcess (text)."""
     e = dict(os.environ)
@@ -79,7 +108,7 @@ def tiny_models(tmp_path_factory):
     data = make_dataset(root / "data", pieces=4, seconds=6.0)
     sm = StreamingMel()
     common = dict(featurizer=sm.transform, mel_config=sm.config, cache_dir=root / "cache", progress=False)
-    train(data, root / "classifier", config=TrainConfig(arch="compact", epochs=4, batch_size=8, window_frames=32, train_hop_frames=8,
+    train(data, root / "classifier", config=TrainConfig(arch="compact", epochs=8, batch_size=8, window_frames=32, train_hop_frames=8,
                                                         eval_hop_frames=16, val_frac=0.25, test_frac=0.25), **common)
     train_generator(data, root / "generator", config=GenConfig(frames=16, hop_frames=4, latent=8, cond=4, channels=32,
                                                               epochs=12, batch_size=8, val_frac=0.25, test_frac=0.25),
