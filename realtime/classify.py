@@ -166,6 +166,9 @@ class Estimator:
         self._window = np.zeros((self.card.n_mels, W), np.float32)
         self._x = torch.zeros(1, self.card.n_mels, W)
         self._batch = None  # (batch, n_mels, W) for batched polls, allocated on first use
+        # the most windows a batched poll may wait for: the oldest must still be in the ring
+        ring = unit.ring
+        self.batch_cap = max(1, (ring.capacity - ring.guard - W) // self.hop_frames + 1)
         # white noise of variance 1 gives E[sum of mel power] = sum(window^2) * sum(filter weights)
         self._level_ref = float(np.sum(unit.mel._window ** 2) * np.sum(unit.mel._w))
         self.reset()
@@ -211,12 +214,17 @@ class Estimator:
         written = self.unit.ring.written
         return 0 if written < self.next_end else 1 + (written - self.next_end) // self.hop_frames
 
+    def batch_ready(self, batch: int) -> bool:
+        """Enough windows are due for a batched poll (``batch``, capped by what the ring holds)."""
+        return self.due() >= min(batch, self.batch_cap)
+
     def poll(self, batch: int = 1) -> int:
         """Classify every window that has become due; returns how many were classified.
 
         ``batch > 1`` (offline, where nothing waits for an estimate) runs up to ``batch`` due
         windows through the model at once: the same estimates (to float rounding, < 1e-6) at
-        about half the cost per window for batches of 16 or more.
+        about half the cost per window for batches of 16 or more. Callers wait for
+        :meth:`batch_ready`, which keeps the oldest due window inside the ring.
         """
         if batch > 1:
             return self._poll_batched(batch)
@@ -237,16 +245,20 @@ class Estimator:
     def _poll_batched(self, batch: int) -> int:
         torch = self.torch
         ring = self.unit.ring
+        batch = min(batch, self.batch_cap)
         if self._batch is None or self._batch.shape[0] < batch:
             self._batch = np.zeros((batch, self.card.n_mels, self.card.window_frames), np.float32)
         done = 0
         while self.next_end <= ring.written:
             ends = []
             while len(ends) < batch and self.next_end <= ring.written:
-                if not ring.peek(self.next_end, self._batch[len(ends)]):
-                    raise RuntimeError("classifier ring overrun in a batched poll (poll more often)")
-                ends.append(self.next_end)
+                if ring.peek(self.next_end, self._batch[len(ends)]):
+                    ends.append(self.next_end)
+                else:  # overwritten before it was read (polled too rarely): counted, as live
+                    self.skipped += 1
                 self.next_end += self.hop_frames
+            if not ends:
+                continue
             with torch.inference_mode():
                 probs = self.bundle.module(torch.from_numpy(self._batch[:len(ends)])).numpy().astype(np.float64)
             for i, end in enumerate(ends):

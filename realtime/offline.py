@@ -82,7 +82,7 @@ def classify_file(path, bundle, *, rate_hz: float, time_constant_s: float, silen
         step(*a)
         if keep_mel and unit.ring.written > w0:
             mel_cols.append(_ring_tail(unit.ring, unit.ring.written - w0))
-        if est.due() >= OFFLINE_BATCH:
+        if est.batch_ready(OFFLINE_BATCH):
             est.poll(batch=OFFLINE_BATCH)
 
     for sr_, block in read_blocks(path, block_size):

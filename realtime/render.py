@@ -127,8 +127,8 @@ class FxUnit(Unit):
     :meth:`switch` swaps the chain between blocks (a MIDI program change): one reference
     assignment, so the callback sees either the old or the new board.
 
-    A plugin with latency (PitchShift) streams fewer samples than it is given until its buffers
-    fill, and then may return them in bursts. The unit always returns one output sample per input
+    A plugin with latency (an external one, say) may stream fewer samples than it is given until
+    its buffers fill, and then return them in bursts. The unit always returns one output sample per input
     sample: silence until the chain's output starts, then the chain's output delayed by the
     largest lag seen so far (a preallocated FIFO absorbs the bursts).
     """
@@ -285,7 +285,7 @@ def render_file(in_path, out_path, *, preset, classifier, generator=None, layer:
                                  f"({', '.join(classifier.card.labels)})")
     unit = ClassifierUnit(classifier.card)
     board = preset.build_fx()
-    read = block * max(1, 8192 // block)  # read and write in big chunks, process in engine-sized blocks
+    read = block * max(1, 8192 // block)  # read and write in big chunks; process them in engine blocks or whole
     if engine_blocks is None:
         engine_blocks = source is not None or not block_invariant(board)
     step = block if engine_blocks else read
@@ -312,7 +312,7 @@ def render_file(in_path, out_path, *, preset, classifier, generator=None, layer:
                 k0 = len(est.estimates)
                 if engine_blocks:
                     est.poll()
-                elif est.due() >= OFFLINE_BATCH:  # nothing follows the estimates: classify in batches
+                elif est.batch_ready(OFFLINE_BATCH):  # nothing follows the estimates: classify in batches
                     est.poll(batch=OFFLINE_BATCH)
                 if director is not None:
                     for e in est.estimates[k0:]:

@@ -40,27 +40,33 @@ def test_block_pattern_does_not_change_estimates(bundle):
         np.testing.assert_allclose(ea.probs, eb.probs, atol=1e-6)
 
 
-def test_batched_polls_give_the_same_estimates(bundle):
-    """`poll(batch=16)` (as files use) and `poll()` after every block (live) publish the same windows with
-    the same probabilities, smoothing and levels."""
-    from realtime.classify import ClassifierUnit, Estimator
+@pytest.mark.parametrize("rate_hz, seconds", [(4.0, 20.0), (0.5, 75.0)])
+def test_batched_polls_give_the_same_estimates(bundle, rate_hz, seconds):
+    """`poll(batch=32)` (as files use) and `poll()` after every block (live) publish the same windows with
+    the same probabilities, smoothing and levels. At 0.5 Hz 32 windows span more than the ring
+    holds: the batch shrinks to what it holds instead of losing windows."""
+    from realtime.classify import OFFLINE_BATCH, ClassifierUnit, Estimator
 
     y, sr = sf.read(CLIPS / "sevki_bey.ogg", dtype="float32")
+    y = np.tile(y, int(np.ceil(seconds * sr / y.size)))[: int(seconds * sr)]
     runs = []
-    for batch in (1, 16):
+    for batch in (1, OFFLINE_BATCH):
         unit = ClassifierUnit(bundle.card).prepare(sr, 512, 1)
-        est = Estimator(bundle, unit, 4.0, 2.0, -55.0)
+        est = Estimator(bundle, unit, rate_hz, 2.0, -55.0)
         for a in range(0, y.size, 512):
             unit.process(y[None, a:a + 512])
             if batch == 1:
                 est.poll()
-            elif est.due() >= batch:
-                assert est.due() == batch
+            elif est.batch_ready(batch):
+                assert est.due() == min(batch, est.batch_cap)
                 est.poll(batch=batch)
         est.poll(batch=batch)
         runs.append(est.estimates)
+        assert est.skipped == 0
     a, b = runs
-    assert len(a) == len(b) > 16  # one full batch and a remainder
+    cap = est.batch_cap
+    assert len(a) == len(b) > min(OFFLINE_BATCH, cap)  # at least one full batch and a remainder
+    assert (cap < OFFLINE_BATCH) == (rate_hz < 1)
     assert [e.frame_end for e in a] == [e.frame_end for e in b]
     np.testing.assert_allclose([e.probs for e in a], [e.probs for e in b], atol=1e-6)
     np.testing.assert_allclose([e.smoothed for e in a], [e.smoothed for e in b], atol=1e-6)
