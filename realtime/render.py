@@ -219,6 +219,14 @@ class LayerDirector:
         self.current = lead
 
 
+def _timeline_json(summary: dict, timeline: list) -> str:
+    """The sidecar: the summary's fields one per line, then one line per estimate (readable, and
+    json's C encoder does the long part: an indented dump runs the pure-Python one)."""
+    head = json.dumps(summary, indent=1)[:-2]  # without the closing "\n}"
+    rows = ",\n  ".join(json.dumps(e) for e in timeline)
+    return head + (',\n "timeline": [\n  ' + rows + "\n ]\n}\n" if timeline else ',\n "timeline": []\n}\n')
+
+
 def sidecar_paths(out: Path) -> tuple[Path, Path]:
     """``song.wav`` → (``song.timeline.json``, ``song.timeline.png``)."""
     return out.with_name(out.stem + ".timeline.json"), out.with_name(out.stem + ".timeline.png")
@@ -343,7 +351,7 @@ def render_file(in_path, out_path, *, preset, classifier, generator=None, layer:
                    "processed_in": "engine blocks" if engine_blocks else f"{read}-sample chunks",
                    "peak": round(peak, 4), "latency_samples": chain.latency_samples,
                    "timeline_json": str(js_path), "timeline_png": str(png_path) if timeline_png else None}
-        js_tmp.write_text(json.dumps({**summary, "timeline": timeline}, indent=1) + "\n")
+        js_tmp.write_text(_timeline_json(summary, timeline))
         if png_tmp is not None:
             from .plots import timeline_png as plot
 
