@@ -45,6 +45,25 @@ def fft_twiddles(n: int) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _bf2(a, b, xr, xi, yr, yi):
+    """Radix-2 butterfly with twiddle ``a + ib``: (x + w y, x - w y)."""
+    tr = a * yr - b * yi
+    ti = a * yi + b * yr
+    return xr + tr, xi + ti, xr - tr, xi - ti
+
+
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _butterfly(a1, b1, a2, b2, x0r, x0i, x1r, x1i, x2r, x2i, x3r, x3i):
+    """Two radix-2 stages on four points: twiddle W_2h^k (a1, b1) on (0, 1) and (2, 3), then
+    W_4h^k (a2, b2) on (0, 2) and -i W_4h^k on (1, 3); returns the outputs in place order 0..3."""
+    ar, ai, br, bi = _bf2(a1, b1, x0r, x0i, x1r, x1i)
+    cr, ci, dr, di = _bf2(a1, b1, x2r, x2i, x3r, x3i)
+    y0r, y0i, y2r, y2i = _bf2(a2, b2, ar, ai, cr, ci)
+    y1r, y1i, y3r, y3i = _bf2(b2, -a2, br, bi, dr, di)  # -i (a2 + i b2) = b2 - i a2
+    return y0r, y0i, y1r, y1i, y2r, y2i, y3r, y3i
+
+
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
 def _radix4_pass(re, im, tw, o, h, start):
     """Two radix-2 stages (sizes 2h and 4h) over ``[start, start + 4h)``; twiddles at ``tw[o:]``."""
     r0 = re[start:start + h]
@@ -60,36 +79,8 @@ def _radix4_pass(re, im, tw, o, h, start):
     w2r = tw[o + 2 * h:o + 3 * h]
     w2i = tw[o + 3 * h:o + 4 * h]
     for k in range(h):
-        a1 = w1r[k]
-        b1 = w1i[k]
-        a2 = w2r[k]
-        b2 = w2i[k]
-        # first radix-2 stage (size 2h) on (0, 1) and (2, 3)
-        tr = a1 * r1[k] - b1 * i1[k]
-        ti = a1 * i1[k] + b1 * r1[k]
-        ar = r0[k] + tr
-        ai = i0[k] + ti
-        br = r0[k] - tr
-        bi = i0[k] - ti
-        tr = a1 * r3[k] - b1 * i3[k]
-        ti = a1 * i3[k] + b1 * r3[k]
-        cr = r2[k] + tr
-        ci = i2[k] + ti
-        dr = r2[k] - tr
-        di = i2[k] - ti
-        # second stage (size 4h): twiddles W_4h^k and W_4h^(k+h) = -i W_4h^k
-        tr = a2 * cr - b2 * ci
-        ti = a2 * ci + b2 * cr
-        r0[k] = ar + tr
-        i0[k] = ai + ti
-        r2[k] = ar - tr
-        i2[k] = ai - ti
-        ur = a2 * dr - b2 * di
-        ui = a2 * di + b2 * dr
-        r1[k] = br + ui
-        i1[k] = bi - ur
-        r3[k] = br - ui
-        i3[k] = bi + ur
+        r0[k], i0[k], r1[k], i1[k], r2[k], i2[k], r3[k], i3[k] = _butterfly(
+            w1r[k], w1i[k], w2r[k], w2i[k], r0[k], i0[k], r1[k], i1[k], r2[k], i2[k], r3[k], i3[k])
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
@@ -98,39 +89,11 @@ def _radix4_short(re, im, tw, o, h):
     literal at every call site)."""
     for start in range(0, re.shape[0], 4 * h):
         for k in range(h):
-            a1 = tw[o + k]
-            b1 = tw[o + h + k]
-            a2 = tw[o + 2 * h + k]
-            b2 = tw[o + 3 * h + k]
             j0 = start + k
-            x1r = re[j0 + h]
-            x1i = im[j0 + h]
-            x3r = re[j0 + 3 * h]
-            x3i = im[j0 + 3 * h]
-            tr = a1 * x1r - b1 * x1i
-            ti = a1 * x1i + b1 * x1r
-            ar = re[j0] + tr
-            ai = im[j0] + ti
-            br = re[j0] - tr
-            bi = im[j0] - ti
-            tr = a1 * x3r - b1 * x3i
-            ti = a1 * x3i + b1 * x3r
-            cr = re[j0 + 2 * h] + tr
-            ci = im[j0 + 2 * h] + ti
-            dr = re[j0 + 2 * h] - tr
-            di = im[j0 + 2 * h] - ti
-            tr = a2 * cr - b2 * ci
-            ti = a2 * ci + b2 * cr
-            re[j0] = ar + tr
-            im[j0] = ai + ti
-            re[j0 + 2 * h] = ar - tr
-            im[j0 + 2 * h] = ai - ti
-            ur = a2 * dr - b2 * di
-            ui = a2 * di + b2 * dr
-            re[j0 + h] = br + ui
-            im[j0 + h] = bi - ur
-            re[j0 + 3 * h] = br - ui
-            im[j0 + 3 * h] = bi + ur
+            (re[j0], im[j0], re[j0 + h], im[j0 + h], re[j0 + 2 * h], im[j0 + 2 * h], re[j0 + 3 * h],
+             im[j0 + 3 * h]) = _butterfly(tw[o + k], tw[o + h + k], tw[o + 2 * h + k], tw[o + 3 * h + k],
+                                          re[j0], im[j0], re[j0 + h], im[j0 + h], re[j0 + 2 * h], im[j0 + 2 * h],
+                                          re[j0 + 3 * h], im[j0 + 3 * h])
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
