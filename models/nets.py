@@ -1,6 +1,6 @@
 """Classifier networks (``temporal``, ``compact``, ``paper``) and the TorchScript export wrapper.
 
-Both networks take normalised log-mel windows of shape (batch, 1, n_mels, frames) and return
+All networks take normalised log-mel windows of shape (batch, 1, n_mels, frames) and return
 logits; ``embed`` returns the penultimate features.
 """
 

@@ -108,10 +108,11 @@ def cmd_presets(args) -> int:
 
 def register(sub) -> None:
     """Add this module's subcommands to the ``tarab`` parser."""
+    from models.train import ARCH_NAMES  # numpy only: cheap at start-up
     s = sub.add_parser("train", help="train a composer classifier and export a bundle")
     s.add_argument("data_dir", type=Path, help="folder with one sub-folder of audio files per composer")
     s.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to create")
-    s.add_argument("--arch", choices=["temporal", "compact", "paper"], default="temporal",
+    s.add_argument("--arch", choices=ARCH_NAMES, default="temporal",
                    help="temporal: 1-D convolutions over time (default, shipped); compact: 2-D depthwise-separable CNN; "
                         "paper: the paper's exp-5 CNN")
     s.add_argument("--epochs", type=int, default=30)

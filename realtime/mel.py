@@ -97,24 +97,10 @@ def _radix4_short(re, im, tw, o, h):
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
-def _first_butterfly(re, im, s, ar0, ai0, ar1, ai1, ar2, ai2, ar3, ai3):
-    """The first merged pass on the values bound for positions ``s .. s + 3`` (twiddles 1 and -i)."""
-    ar = ar0 + ar1
-    ai = ai0 + ai1
-    br = ar0 - ar1
-    bi = ai0 - ai1
-    cr = ar2 + ar3
-    ci = ai2 + ai3
-    dr = ar2 - ar3
-    di = ai2 - ai3
-    re[s] = ar + cr
-    im[s] = ai + ci
-    re[s + 2] = ar - cr
-    im[s + 2] = ai - ci
-    re[s + 1] = br + di
-    im[s + 1] = bi - dr
-    re[s + 3] = br - di
-    im[s + 3] = bi + dr
+def _first_butterfly(re, im, s, x0r, x0i, x1r, x1i, x2r, x2i, x3r, x3i):
+    """The first merged pass (every twiddle 1) on the values bound for positions ``s .. s + 3``."""
+    (re[s], im[s], re[s + 1], im[s + 1], re[s + 2], im[s + 2], re[s + 3],
+     im[s + 3]) = _butterfly(1.0, 0.0, 1.0, 0.0, x0r, x0i, x1r, x1i, x2r, x2i, x3r, x3i)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
