@@ -52,7 +52,7 @@ def corpus():
 
 
 def _stat(st, key):
-    return st[key] if isinstance(st, dict) else getattr(st, key)
+    return st.get(key, float("nan")) if isinstance(st, dict) else getattr(st, key)
 
 
 def tarab_on_time(st) -> bool:
