@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from realtime import ParameterError
-from realtime.mel import StreamingMel
+from realtime.mel import MelInverse, StreamingMel
 
 CLIPS = Path(__file__).resolve().parent.parent / "realtime" / "clips"
 
@@ -112,3 +112,30 @@ def test_output_buffer_and_frame_counts():
 def test_bad_parameters(kw, match):
     with pytest.raises(ParameterError, match=match):
         StreamingMel(**kw)
+
+
+def test_mel_inverse_is_consistent_with_the_bank_and_beats_pinv_and_librosa_nnls():
+    import soundfile as sf
+
+    y, sr = sf.read(CLIPS / "dede_efendi.ogg", dtype="float32")
+    M = _ref(y, sr=sr, n_fft=2048, hop_length=512, n_mels=128)[:, :150]
+    B = librosa.filters.mel(sr=sr, n_fft=2048, n_mels=128)
+
+    def db_err(P):  # mean |dB| between the target bands and the bands of the estimate
+        m = M > 1e-10
+        return float(np.abs(10 * np.log10(np.maximum(B @ P, 1e-30)[m]) - 10 * np.log10(M[m])).mean())
+
+    inv = MelInverse(sr, n_iter=10, max_frames=32)
+    P = np.concatenate([inv(M[:, a:a + 32]).copy() for a in range(0, M.shape[1], 32)], axis=1)
+    assert P.shape == (1025, M.shape[1]) and P.dtype == np.float32
+    assert np.isfinite(P).all() and P.min() >= 0.0
+    np.testing.assert_allclose(MelInverse(sr, n_iter=10, max_frames=8)(M), P, rtol=1e-5, atol=1e-12)  # frame by frame
+    ours = db_err(P)
+    pinv = db_err(np.maximum(np.linalg.pinv(B) @ M, 0.0))  # what the generator did before
+    nnls = db_err(librosa.feature.inverse.mel_to_stft(M, sr=sr, n_fft=2048, power=2.0) ** 2)
+    assert ours < 1.5 and ours < 0.25 * pinv and ours < 0.25 * nnls, (ours, pinv, nnls)
+    assert db_err(MelInverse(sr, n_iter=30)(M)) < 0.7 * ours  # more updates, closer
+    with pytest.raises(ParameterError, match="mel_power"):
+        inv(np.ones((64, 3), np.float32))
+    with pytest.raises(ParameterError, match="out"):
+        inv(M[:, :3], out=np.zeros((1025, 4), np.float32))
