@@ -9,9 +9,16 @@ Design (sized for 2 CPU cores):
   does not see the composer, so the latent holds what the composer does not explain.
 - Decoder: the latent and a learned composer embedding (``cond``) → a linear layer → three
   upsampling blocks, each modulated by the embedding (FiLM) → log-mel window.
-- Morphing between composers interpolates the embeddings spherically (:func:`slerp`); long audio
-  decodes a smooth latent trajectory (an AR(1) walk that stays N(0, T²)) window by window with
-  50 % overlap and crossfades the windows (see ``realtime.generate``).
+- Latent prior per composer: the encoder never sees the composer, yet the latents of different
+  composers' windows have different means and covariances (overlapping clouds), and the decoder
+  leans on the latent far more than on the embedding. After training, :func:`fit_latent_prior`
+  fits a Gaussian to each composer's training-window latents (mean, shrunk covariance as a
+  Cholesky factor) and stores it in the bundle, so a composer's audio is drawn from that
+  composer's part of the latent space, not from the N(0, I) prior shared by all.
+- Morphing between composers interpolates the embeddings spherically (:func:`slerp`) and the
+  prior Gaussians linearly; long audio decodes a smooth latent trajectory (an AR(1) walk ``u``
+  that stays N(0, I), mapped to ``z = μ_c + T L_c u``) window by window with 50 % overlap and
+  crossfades the windows (see ``realtime.generate``).
 
 The generator is trained on the classifier's piece-level split (same seed), never against the
 classifier, so the classifier stays an independent judge of style.
@@ -25,7 +32,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -37,7 +44,7 @@ from .errors import BundleError, DataError, ParameterError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StyleVAE", "ExportedGenerator", "GenConfig", "train_generator", "slerp"]
+__all__ = ["StyleVAE", "ExportedGenerator", "GenConfig", "train_generator", "slerp", "fit_latent_prior"]
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -111,7 +118,9 @@ class ExportedGenerator(nn.Module):
     """TorchScript wrapper: latents + composer embeddings → log-mel windows in dB.
 
     ``forward(z, cond)``: ``z`` (batch, latent), ``cond`` (batch, cond) → (batch, n_mels, frames) dB.
-    ``encode(logmel_db)`` → latent means; ``embeddings()`` → (n_composers, cond).
+    ``encode(logmel_db)`` → latent means; ``embeddings()`` → (n_composers, cond);
+    ``prior()`` → the per-composer latent Gaussians: means (n_composers, latent) and Cholesky
+    factors (n_composers, latent, latent) — N(0, I) for every composer until :meth:`set_prior`.
     """
 
     def __init__(self, vae: StyleVAE, labels: List[str], mean: torch.Tensor, std: torch.Tensor):
@@ -120,6 +129,16 @@ class ExportedGenerator(nn.Module):
         self.labels: List[str] = list(labels)
         self.register_buffer("mean", mean.reshape(1, -1, 1).float())
         self.register_buffer("std", std.reshape(1, -1, 1).float())
+        k, d = len(self.labels), vae.latent
+        self.register_buffer("prior_mean", torch.zeros(k, d))
+        self.register_buffer("prior_chol", torch.eye(d).expand(k, d, d).clone())
+
+    def set_prior(self, mean: torch.Tensor, chol: torch.Tensor) -> None:
+        if tuple(mean.shape) != tuple(self.prior_mean.shape) or tuple(chol.shape) != tuple(self.prior_chol.shape):
+            raise ParameterError(f"prior shapes {tuple(mean.shape)}, {tuple(chol.shape)} do not fit "
+                                 f"{tuple(self.prior_mean.shape)}, {tuple(self.prior_chol.shape)}")
+        self.prior_mean.copy_(mean)
+        self.prior_chol.copy_(chol)
 
     def forward(self, z, cond):
         return self.vae.decode(z, cond) * self.std + self.mean
@@ -134,8 +153,57 @@ class ExportedGenerator(nn.Module):
         return self.vae.emb.weight
 
     @torch.jit.export
+    def prior(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.prior_mean, self.prior_chol
+
+    @torch.jit.export
     def get_labels(self) -> List[str]:
         return self.labels
+
+
+def fit_latent_prior(encode, ws: WindowSet, n_classes: int, *, shrink: float = 0.1, batch: int = 256,
+                     max_per_class: int = 4000, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A Gaussian per composer over the latents of its windows.
+
+    Parameters
+    ----------
+    encode : callable
+        log-mel windows [dB] (batch, n_mels, frames) tensor → latent means (batch, latent).
+    ws : WindowSet
+        The windows (the training split).
+    n_classes : int
+    shrink : float in [0, 1]
+        Weight of the diagonal in the covariance estimate ``(1 - a) C + a diag(C)``; raised to
+        ``latent / n`` for a composer with few windows ``n``, so the estimate stays well-posed.
+    max_per_class : int
+        At most this many windows per composer (a seeded draw).
+
+    Returns
+    -------
+    mean : torch.Tensor [shape=(n_classes, latent)]
+    chol : torch.Tensor [shape=(n_classes, latent, latent)], lower-triangular: ``z = mean[c] + chol[c] @ ε``.
+    """
+    rng = np.random.default_rng(seed)
+    y = np.asarray(ws.y)
+    means, chols = [], []
+    for c in range(n_classes):
+        idx = np.flatnonzero(y == c)
+        if idx.size == 0:
+            raise DataError(f"no training windows of composer {c} to fit its latent prior")
+        if idx.size > max_per_class:
+            idx = np.sort(rng.choice(idx, max_per_class, replace=False))
+        with torch.no_grad():
+            z = torch.cat([encode(torch.from_numpy(np.stack([ws.window(int(j)) for j in idx[a:a + batch]])
+                                                   .astype(np.float32)))
+                           for a in range(0, idx.size, batch)]).double()
+        m = z.mean(0)
+        d = z.shape[1]
+        cov = (z - m).T @ (z - m) / max(1, z.shape[0] - 1)
+        a = min(1.0, max(shrink, d / z.shape[0]))
+        cov = (1.0 - a) * cov + a * torch.diag(torch.diag(cov)) + 1e-6 * torch.eye(d, dtype=cov.dtype)
+        means.append(m)
+        chols.append(torch.linalg.cholesky(cov))
+    return torch.stack(means).float(), torch.stack(chols).float()
 
 
 @dataclass
@@ -296,6 +364,7 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
     vae.eval()
     test = evaluate(wtest)
     exported = ExportedGenerator(vae, labels, mean, std).eval()
+    exported.set_prior(*fit_latent_prior(exported.encode, wtrain, len(labels), seed=cfg.seed))
     with quiet_jit():
         scripted = torch.jit.script(exported)
     z = torch.randn(3, cfg.latent)
@@ -304,7 +373,7 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
         if not torch.allclose(exported(z, e), scripted(z, e), atol=1e-4):
             raise BundleError("export check failed: the TorchScript model's outputs differ from the eager model's")
     with quiet_jit():
-        scripted = torch.jit.freeze(scripted, preserved_attrs=["encode", "embeddings", "get_labels"])
+        scripted = torch.jit.freeze(scripted, preserved_attrs=["encode", "embeddings", "prior", "get_labels"])
     n_params = sum(p.numel() for p in vae.parameters())
     card = Card(
         kind="generator", name=f"{Path(data_dir).name}-stylevae", labels=labels,
@@ -319,6 +388,8 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
                  "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
                  "train_seconds": round(state["train_seconds"], 1)},
         extra={"arch": "stylevae", "latent": cfg.latent, "cond": cfg.cond, "config": dataclasses.asdict(cfg),
+               "latent_prior": "per composer: Gaussian of its training windows' latent means (covariance "
+                               "shrunk 10 % toward its diagonal)",
                "skipped_files": [p for p, _ in skipped]},
     )
     save_bundle(scripted, card, out_dir, force=force,

@@ -2,11 +2,14 @@
 
 Latent → audio, one step per half window:
 
-1. The latent walks an AR(1) path ``z_k = ρ z_{k-1} + √(1-ρ²) ε_k`` (stationary N(0, 1), scaled by
-   the temperature), the composer embedding is ``slerp(e_A, e_B, mix)``.
+1. A noise vector walks an AR(1) path ``u_k = ρ u_{k-1} + √(1-ρ²) ε_k`` (stationary N(0, I)) and
+   is mapped into the composer's region of the latent space, ``z_k = μ + T L u_k`` (``μ``, ``L``:
+   the bundle's latent Gaussian of composer A, blended linearly toward B's by the mix; ``T``: the
+   temperature); the composer embedding is ``slerp(e_A, e_B, mix)``.
 2. The TorchScript decoder turns ``(z_k, cond)`` into a log-mel window (``W`` frames); windows
    start every ``W/2`` frames and are crossfaded with a periodic Hann (weights sum to 1).
-3. Mel power → linear magnitude through the pseudo-inverse of the mel filter bank (clipped ≥ 0).
+3. Mel power → linear power, non-negative and consistent with the mel bank
+   (:class:`~realtime.mel.MelInverse`, 10 multiplicative updates per frame) → magnitude.
 4. :class:`~realtime.phase.PhaseReconstructor` (numba fast Griffin-Lim, block-online) → samples.
 
 :class:`Generator` runs these steps in a worker thread, ahead of time, into a ring; its
@@ -24,6 +27,7 @@ import numpy as np
 from models.bundle import Bundle, load_bundle
 from models.errors import ParameterError, check_range
 
+from .mel import MelInverse
 from .phase import PhaseReconstructor
 from .ring import Ring
 
@@ -66,13 +70,14 @@ class StyleSynth:
         A generator bundle (:func:`load_generator`).
     n_iter, momentum, lookahead :
         Phase reconstruction settings (:class:`~realtime.phase.PhaseReconstructor`).
+    inverse_iter : int
+        Updates of the mel → linear inversion per frame (:class:`~realtime.mel.MelInverse`).
     rho : float in [0, 1)
         Correlation of successive latents: higher = slower change.
     """
 
     def __init__(self, bundle: Bundle, *, n_iter: int = 12, momentum: float = 0.99, lookahead: int = 4,
-                 rho: float = DEFAULT_RHO):
-        import librosa
+                 rho: float = DEFAULT_RHO, inverse_iter: int = 10):
         import torch
 
         self.bundle = bundle
@@ -89,10 +94,18 @@ class StyleSynth:
             raise ParameterError(f"{bundle.path}: the card does not give the latent size")
         with torch.inference_mode():
             self.emb = self.module.embeddings().detach().numpy().astype(np.float32).copy()
+            if hasattr(self.module, "prior"):  # per-composer latent Gaussians, fitted when the bundle was trained
+                pm, pl = self.module.prior()
+                self.prior_mean = pm.numpy().astype(np.float32).copy()
+                self.prior_chol = pl.numpy().astype(np.float32).copy()
+            else:  # an older bundle: N(0, I) for every composer
+                self.prior_mean = np.zeros((len(self.labels), self.latent), np.float32)
+                self.prior_chol = np.broadcast_to(np.eye(self.latent, dtype=np.float32),
+                                                  (len(self.labels), self.latent, self.latent)).copy()
         self.rho = check_range("rho", rho, 0.0, 0.999)
         self.fade = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(self.window_frames) / self.window_frames)).astype(np.float32)
-        basis = librosa.filters.mel(sr=card.sr, n_fft=card.n_fft, n_mels=card.n_mels, fmin=card.fmin, fmax=card.fmax)
-        self.mel_pinv = np.linalg.pinv(basis).astype(np.float32)  # (n_bins, n_mels)
+        self.mel_inverse = MelInverse(card.sr, card.n_fft, card.n_mels, card.fmin, card.fmax, n_iter=inverse_iter,
+                                      max_frames=self.half)
         self.phase = PhaseReconstructor(card.n_fft, card.hop_length, n_iter=n_iter, momentum=momentum,
                                         lookahead=lookahead, max_frames=self.half)
         self._torch = torch
@@ -112,11 +125,22 @@ class StyleSynth:
         raise ParameterError(f"unknown composer {name!r}; this model knows: {', '.join(self.labels)}")
 
     def condition(self, composer_a, composer_b=None, mix: float = 0.0) -> np.ndarray:
+        """The decoder's condition vector: composer A's embedding, slerped toward B's by ``mix``."""
         a = self.emb[self.composer_index(composer_a)]
         if composer_b is None or mix == 0.0:
             return a.copy()
         b = self.emb[self.composer_index(composer_b)]
         return _slerp(a, b, float(mix))
+
+    def latent_prior(self, composer_a, composer_b=None, mix: float = 0.0):
+        """Mean and Cholesky factor of the latent Gaussian: composer A's, blended linearly
+        toward B's by ``mix``."""
+        a = self.composer_index(composer_a)
+        if composer_b is None or mix == 0.0:
+            return self.prior_mean[a].copy(), self.prior_chol[a].copy()
+        b, t = self.composer_index(composer_b), np.float32(mix)
+        return ((1 - t) * self.prior_mean[a] + t * self.prior_mean[b],
+                (1 - t) * self.prior_chol[a] + t * self.prior_chol[b])
 
     def set_target(self, composer_a, composer_b=None, mix: float = 0.0, temperature: float = 1.0,
                    transpose: float = 0.0) -> None:
@@ -126,6 +150,7 @@ class StyleSynth:
         temperature = check_range("temperature", temperature, 0.0, 4.0)
         transpose = check_range("transpose", transpose, -24.0, 24.0)
         self._cond = self.condition(composer_a, composer_b, mix)
+        self._prior = self.latent_prior(composer_a, composer_b, mix)
         self._temperature = float(temperature)
         if transpose != getattr(self, "_transpose", 0.0):
             self._shift = None if transpose == 0.0 else _bin_map(self.phase.n_bins, 2.0 ** (transpose / 12.0))
@@ -150,7 +175,8 @@ class StyleSynth:
 
     def step_frames(self) -> np.ndarray:
         """The next ``window_frames // 2`` crossfaded log-mel frames [dB]."""
-        x = self.decode_window(self._z * self._temperature, self._cond)
+        mean, chol = self._prior
+        x = self.decode_window(mean + self._temperature * (chol @ self._z), self._cond)
         h = self.half
         if self._tail is None:
             frames = x[:, :h].copy()
@@ -163,7 +189,7 @@ class StyleSynth:
 
     def frames_to_audio(self, logmel_db: np.ndarray) -> np.ndarray:
         power = np.power(10.0, logmel_db / 10.0, dtype=np.float32)
-        mag = np.sqrt(np.maximum(self.mel_pinv @ power, 0.0))
+        mag = np.sqrt(self.mel_inverse(power))
         if self._shift is not None:  # transposition: move partials along the linear frequency axis
             i0, w = self._shift
             mag = mag[i0] * (1.0 - w)[:, None] + mag[np.minimum(i0 + 1, len(i0) - 1)] * w[:, None]

@@ -100,6 +100,54 @@ def test_synth_same_seed_same_audio_and_targets(tiny_models):
         s.set_target("alpha", "beta", 1.5)
 
 
+def test_latent_prior_is_each_composers_gaussian():
+    import torch
+
+    from models.generator import fit_latent_prior
+
+    class Windows:  # the two things fit_latent_prior reads of a WindowSet
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def window(self, j):
+            return self.x[j]
+
+    rng = np.random.default_rng(0)
+    n, d = 300, 6
+    y = rng.integers(0, 3, n)
+    x = (rng.standard_normal((n, 4, 5)) + 3.0 * y[:, None, None]).astype(np.float32)
+    proj = torch.from_numpy(rng.standard_normal((20, d)).astype(np.float32))
+    encode = lambda w: w.reshape(len(w), -1) @ proj  # noqa: E731
+    mean, chol = fit_latent_prior(encode, Windows(x, y), 3, shrink=0.25, batch=7)
+    z = x.reshape(n, -1).astype(np.float64) @ proj.numpy().astype(np.float64)
+    for c in range(3):
+        zc = z[y == c]
+        np.testing.assert_allclose(mean[c].numpy(), zc.mean(0), rtol=1e-4, atol=1e-4)
+        cov = np.cov(zc, rowvar=False)
+        want = 0.75 * cov + 0.25 * np.diag(np.diag(cov))
+        L = chol[c].numpy().astype(np.float64)
+        assert np.allclose(L, np.tril(L)) and (np.diag(L) > 0).all()
+        np.testing.assert_allclose(L @ L.T, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+    few = fit_latent_prior(encode, Windows(x[:4], np.zeros(4, int)), 1)[1][0].numpy()  # 4 windows, 6 dims
+    assert np.allclose(few, np.diag(np.diag(few)))  # only the diagonal is estimable: a = min(1, d / n)
+
+
+def test_synth_draws_latents_from_the_composers_prior(tiny_models):
+    _, _, gen = tiny_models
+    s = StyleSynth(load_generator(gen))
+    assert s.prior_mean.shape == (3, s.latent) and s.prior_chol.shape == (3, s.latent, s.latent)
+    assert np.linalg.norm(s.prior_mean[0] - s.prior_mean[2]) > 0.1  # the composers' latents differ
+    s.set_target("beta", temperature=0.0)  # temperature 0: the composer's mean latent, every window
+    s.start(5)
+    first = s.step_frames()
+    x = s.decode_window(s.prior_mean[1], s.emb[1])
+    np.testing.assert_allclose(first, x[:, :s.half], rtol=1e-5, atol=1e-4)
+    s.set_target("alpha", "gamma", 0.5)
+    m, L = s.latent_prior("alpha", "gamma", 0.5)
+    np.testing.assert_allclose(m, 0.5 * (s.prior_mean[0] + s.prior_mean[2]), rtol=1e-6)
+    np.testing.assert_allclose(L, 0.5 * (s.prior_chol[0] + s.prior_chol[2]), rtol=1e-6)
+
+
 def test_live_generator_matches_offline_and_never_waits(tiny_models):
     _, _, gen = tiny_models
     bundle = load_generator(gen)
@@ -188,6 +236,10 @@ def test_shipped_generator_shares_the_classifier_split_and_licence():
     a = json.loads((PRETRAINED_DIR / "generator" / "split.json").read_text())
     b = json.loads((PRETRAINED_DIR / "classifier" / "split.json").read_text())
     assert a == b  # the generator never saw the classifier's validation or test pieces
+    means, chols = (t.numpy() for t in gen.module.prior())
+    assert means.shape == (len(gen.card.labels), gen.card.extra["latent"]) and np.abs(means).max() > 0
+    assert np.allclose(chols, np.tril(chols))  # a fitted prior, not the N(0, I) placeholder
+    assert not np.allclose(chols, np.eye(chols.shape[-1]))
     size = sum(p.stat().st_size for p in (PRETRAINED_DIR / "generator").iterdir())
     assert size <= 20 * 2 ** 20
 
