@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["StyleVAE", "ExportedGenerator", "GenConfig", "train_generator", "slerp", "fit_latent_prior"]
 
+PRIOR_SHRINK = 0.1  # weight of the diagonal in each composer's latent covariance (fit_latent_prior)
+
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     """Spherical interpolation of directions, linear interpolation of norms (``t`` in [0, 1])."""
@@ -161,7 +163,7 @@ class ExportedGenerator(nn.Module):
         return self.labels
 
 
-def fit_latent_prior(encode, ws: WindowSet, n_classes: int, *, shrink: float = 0.1, batch: int = 256,
+def fit_latent_prior(encode, ws: WindowSet, n_classes: int, *, shrink: float = PRIOR_SHRINK, batch: int = 256,
                      max_per_class: int = 4000, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """A Gaussian per composer over the latents of its windows.
 
@@ -389,7 +391,7 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
                  "train_seconds": round(state["train_seconds"], 1)},
         extra={"arch": "stylevae", "latent": cfg.latent, "cond": cfg.cond, "config": dataclasses.asdict(cfg),
                "latent_prior": "per composer: Gaussian of its training windows' latent means (covariance "
-                               "shrunk 10 % toward its diagonal)",
+                               f"shrunk {PRIOR_SHRINK * 100:g} % toward its diagonal)",
                "skipped_files": [p for p, _ in skipped]},
     )
     save_bundle(scripted, card, out_dir, force=force,
