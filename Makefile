@@ -7,36 +7,42 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tarab-installed
-DEB_PKGS := portaudio19-dev jackd2
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench system-deps venv clean
+.PHONY: demo test bench system-deps test-deps venv clean
 
 demo: venv
 	$(VENV)/bin/tarab demo
 
-test: venv
+test: test-deps venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: venv
 	$(PY) -m bench
 
-# Debian packages: PortAudio headers (PyAudio builds against them) and jackd2 (the clocked test device).
-system-deps:
-	@missing=""; \
-	pkg-config --exists portaudio-2.0 2>/dev/null || missing="$$missing portaudio19-dev"; \
-	command -v jackd >/dev/null 2>&1 || missing="$$missing jackd2"; \
-	if [ -n "$$missing" ]; then \
+# Debian packages: PortAudio headers (PyAudio builds against them) and jackd2 (the clocked test device);
+# for the tests also FluidSynth and the FluidR3_GM soundfont (tarab rerender's recipe is checked against a clip).
+define install_missing
+	@if [ -n "$(strip $(1))" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing Debian packages:$$missing"; \
+	    echo "installing Debian packages: $(strip $(1))"; \
 	    export DEBIAN_FRONTEND=noninteractive; \
-	    apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null || exit 1; \
+	    apt-get update -qq && apt-get install -y -qq --no-install-recommends $(1) >/dev/null || exit 1; \
 	  else \
 	    echo "tarab needs Debian packages that are missing. Run:"; \
-	    echo "  sudo apt-get install -y$$missing"; \
+	    echo "  sudo apt-get install -y $(strip $(1))"; \
 	    echo "then run make again."; exit 1; \
 	  fi; \
 	fi
+endef
+
+system-deps:
+	$(call install_missing,$(shell pkg-config --exists portaudio-2.0 2>/dev/null || echo portaudio19-dev) \
+	  $(shell command -v jackd >/dev/null 2>&1 || echo jackd2))
+
+test-deps: system-deps
+	$(call install_missing,$(shell command -v fluidsynth >/dev/null 2>&1 || echo fluidsynth) \
+	  $(shell test -f /usr/share/sounds/sf2/FluidR3_GM.sf2 || echo fluid-soundfont-gm))
 
 venv: system-deps $(STAMP)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Card, save_bundle
-from .data import Augmenter, FeatureCache, WindowSet, describe, save_split, scan_dataset, split_pieces
+from .data import Augmenter, FeatureCache, Item, WindowSet, describe, save_split, scan_dataset, split_pieces
 from .errors import BundleError, DataError, ParameterError
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class TrainConfig:
     leaky_window_split: bool = False  # the paper's window-level split (leaks pieces); comparison only
     max_train_windows: int = 0  # 0 = all; >0 subsamples each epoch (quick runs, tests)
     time_budget_s: float = 0.0  # 0 = none; stop after the epoch that crosses it
+    extra_train: str = ""  # a data set of other renders of the same pieces; only training pieces' files are used
 
     def validate(self):
         if self.arch not in ARCH_NAMES:
@@ -194,6 +195,31 @@ def load_split_features(data_dir, work, items, seed, val_frac, test_frac, featur
     return items, labels, split, by_set, feats, skipped
 
 
+def extra_training_items(extra_dir, split: dict, labels) -> tuple[list, int]:
+    """Items of ``extra_dir`` (other renderings of the corpus's pieces, same piece ids) whose piece is in
+    the training split, with absolute paths so they never collide with the corpus's. Returns
+    ``(items, n_ignored)``: files of validation/test pieces are ignored, never used.
+
+    Raises
+    ------
+    DataError
+        Not a data set, a composer the corpus does not have, a file whose piece is not in the corpus.
+    """
+    extra = Path(extra_dir).resolve()
+    items = scan_dataset(extra)
+    unknown = sorted({it.label for it in items} - set(labels))
+    if unknown:
+        raise DataError(f"{extra}: composer folder(s) not in the training data: {', '.join(unknown)}")
+    known = set(split["train"]) | set(split["val"]) | set(split["test"])
+    stray = sorted({it.piece for it in items} - known)
+    if stray:
+        raise DataError(f"{extra}: {len(stray)} piece id(s) not in the training data (its manifest.csv must use the "
+                        f"corpus's piece ids), e.g. {stray[0]}")
+    train = set(split["train"])
+    keep = [Item(str(extra / it.path), it.label, it.piece) for it in items if it.piece in train]
+    return keep, len(items) - len(keep)
+
+
 def band_stats(wset, seed: int, n: int = 400):
     """Per-band mean and std (torch tensors) of a deterministic subsample of training windows."""
     import torch
@@ -251,6 +277,18 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
     items, labels, split, by_set, feats, skipped = load_split_features(
         data_dir, work if rank == 0 else None, items, cfg.seed, cfg.val_frac, cfg.test_frac, featurizer, mel_config,
         cache_dir, progress and rank == 0)
+    extra_items = []
+    if cfg.extra_train:
+        if cfg.leaky_window_split:
+            raise ParameterError("extra_train and leaky_window_split do not go together (the leaky split has no "
+                                 "training pieces)")
+        extra_items, n_ignored = extra_training_items(cfg.extra_train, split, labels)
+        cache = FeatureCache(data_dir, cache_dir or Path.home() / ".cache" / "tarab" / "features", featurizer, mel_config)
+        extra_feats, extra_skipped = cache.load_all(extra_items, progress=progress and rank == 0)
+        feats.update(extra_feats)
+        skipped += extra_skipped
+        log.info("extra training renders: %d files of training pieces used, %d of validation/test pieces ignored",
+                 len(extra_feats), n_ignored)
     t_feats = time.time() - t_start
     if cfg.leaky_window_split:
         # The paper's protocol, for comparison only: windows of one piece land in train AND test.
@@ -260,7 +298,7 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
         wtest, wval, wtrain = (wall.subset(perm[:n_te]), wall.subset(perm[n_te:n_te + n_va]),
                                wall.subset(perm[n_te + n_va:]))
     else:
-        wtrain = WindowSet(by_set["train"], feats, labels, cfg.window_frames, cfg.train_hop_frames)
+        wtrain = WindowSet(by_set["train"] + extra_items, feats, labels, cfg.window_frames, cfg.train_hop_frames)
         wval = WindowSet(by_set["val"], feats, labels, cfg.window_frames, cfg.eval_hop_frames)
         wtest = WindowSet(by_set["test"], feats, labels, cfg.window_frames, cfg.eval_hop_frames)
     for name, ws in (("train", wtrain), ("validation", wval), ("test", wtest)):
@@ -410,7 +448,9 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
                        + ("LEAKY window-level split (comparison only; windows of a piece in train and test)"
                           if cfg.leaky_window_split else
                           f"piece-level split (seed {cfg.seed}): {len(split['train'])} train / "
-                          f"{len(split['val'])} validation / {len(split['test'])} test pieces")),
+                          f"{len(split['val'])} validation / {len(split['test'])} test pieces"
+                          + (f"; plus {len(extra_items)} other renderings of the training pieces "
+                             f"({Path(cfg.extra_train).name})" if extra_items else ""))),
         licence=SYMBTR_LICENCE,
         metrics={"test": {k: test[k] for k in ("window_accuracy", "piece_accuracy", "macro_f1", "n_pieces", "n_windows")},
                  "params": n_params, "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
@@ -425,4 +465,5 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
         torch.distributed.destroy_process_group()
     return {"bundle": str(out_dir), "test": test, "params": n_params, "train_seconds": train_s,
             "feature_seconds": t_feats, "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
-            "classes": describe(items), "skipped": skipped}
+            "classes": describe(items), "skipped": skipped, "train_windows": len(wtrain),
+            "extra_train_files": len(extra_items)}

@@ -33,7 +33,8 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       patience=args.patience, window_frames=args.window_frames,
                       max_train_windows=args.max_train_windows, time_budget_s=args.time_budget * 60.0,
-                      leaky_window_split=args.leaky_window_split)
+                      leaky_window_split=args.leaky_window_split,
+                      extra_train=str(args.extra_train) if args.extra_train else "")
     cfg.validate()
     import torch
 
@@ -55,6 +56,34 @@ def cmd_train(args) -> int:
               f"{t['piece_accuracy']:.3f}, macro F1 {t['macro_f1']:.3f} ({t['n_pieces']} pieces, {t['n_windows']} windows); "
               f"{res['params']} parameters, {res['epochs_run']} epochs in {res['train_seconds'] / 60:.1f} min")
     return 0
+
+
+def cmd_rerender(args) -> int:
+    from models.errors import DataError
+    from models.rerender import rerender_corpus
+
+    pieces = None
+    if args.split:
+        try:
+            split = json.loads(args.split.read_text())
+            pieces = set(split[args.split_set])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{args.split}: not a split file with a {args.split_set!r} list ({e})") from None
+    try:
+        programs = [int(p) for p in args.programs.split(",")]
+    except ValueError:
+        raise ParameterError(f"--programs: comma-separated GM program numbers, got {args.programs!r}") from None
+    res = rerender_corpus(args.corpus, args.midi, args.output, programs=programs, pieces=pieces,
+                          include_own=args.include_own, soundfont=args.soundfont, jobs=args.jobs,
+                          progress=not args.json)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{args.output}: {res['rendered']} rendered, {res['kept']} already there, {len(res['failed'])} failed; "
+              f"{res['seconds'] / 3600:.2f} h of audio in {res['files']} files; manifest {res['manifest']}")
+        for rel, why in res["failed"]:
+            print(f"  failed: {rel}: {why}", file=sys.stderr)
+    return 1 if res["failed"] else 0
 
 
 def cmd_evaluate(args) -> int:
@@ -125,6 +154,8 @@ def register(sub) -> None:
     s.add_argument("--max-train-windows", type=int, default=0, help="subsample training windows per epoch (0 = all)")
     s.add_argument("--time-budget", type=float, default=0.0, help="stop after the epoch that passes this many minutes")
     s.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default ~/.cache/tarab/features)")
+    s.add_argument("--extra-train", type=Path, default=None, metavar="DIR",
+                   help="other renderings of the same pieces (tarab rerender); only training pieces' files are used")
     s.add_argument("--leaky-window-split", action="store_true",
                    help="split windows, not pieces (the paper's leaky protocol; only to measure the gap)")
     s.add_argument("--resume", action="store_true", help="continue the run in OUTPUT.train/")
@@ -132,6 +163,21 @@ def register(sub) -> None:
     s.add_argument("--json", action="store_true", help="print a JSON summary; no progress bars")
     add_mel_args(s)
     s.set_defaults(func=cmd_train)
+    from models.rerender import GM_PROGRAMS
+
+    s = sub.add_parser("rerender", help="render the corpus's pieces again with other instruments (training data)")
+    s.add_argument("corpus", type=Path, help="the corpus (its manifest.csv names each piece's MIDI, program, tempo)")
+    s.add_argument("--midi", type=Path, required=True, help="folder of the SymbTr MIDI files (SymbTr's midi/)")
+    s.add_argument("-o", "--output", type=Path, required=True, help="data set to write (kept files are reused)")
+    s.add_argument("--programs", default=",".join(map(str, GM_PROGRAMS)),
+                   help="GM programs to render, comma-separated (default: the corpus's 8)")
+    s.add_argument("--include-own", action="store_true", help="also render each piece with its own program")
+    s.add_argument("--split", type=Path, default=None, help="a split.json: render only the pieces of --split-set")
+    s.add_argument("--split-set", choices=["train", "val", "test"], default="train")
+    s.add_argument("--soundfont", type=Path, default=None, help="GM soundfont (default FluidR3_GM)")
+    s.add_argument("--jobs", type=int, default=2, help="FluidSynth processes at once")
+    s.add_argument("--json", action="store_true", help="print a JSON summary; no progress bar")
+    s.set_defaults(func=cmd_rerender)
     _register_classify(sub)
     _register_demo(sub)
 

@@ -1,0 +1,190 @@
+"""Re-rendering pieces with other instruments (models.rerender) and training on those renders."""
+
+import csv
+import io
+import json
+import shutil
+
+import mido
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import REPO, _need, run_cli
+from models.errors import DataError, ParameterError
+from models.rerender import GM_PROGRAMS, MAX_SECONDS, finish, render_midi, rerender_corpus, voice_and_retime
+from test_models_train import _train, dataset, mel  # noqa: F401  (module fixtures)
+
+DATA = REPO / "tests" / "data"
+MIDI = DATA / "arazbar--seyir--sofyan--1--erol_bingol.mid"
+# its row of the corpus manifest: rendered with GM program 42 (cello) at tempo factor 1.0017
+CLIP = REPO / "realtime" / "clips" / "erol_bingol.ogg"
+
+
+def _midi(programs=()):
+    m = mido.MidiFile(ticks_per_beat=480)
+    tr = mido.MidiTrack()
+    m.tracks.append(tr)
+    tr.append(mido.MetaMessage("set_tempo", tempo=500000, time=0))
+    for p in programs:
+        tr.append(mido.Message("program_change", channel=0, program=p, time=0))
+    for k in range(4):
+        tr.append(mido.Message("note_on", channel=0, note=60 + k, velocity=90, time=0))
+        tr.append(mido.Message("note_off", channel=0, note=60 + k, velocity=0, time=480))
+    buf = io.BytesIO()
+    m.save(file=buf)
+    return buf.getvalue()
+
+
+def test_voice_and_retime_sets_the_program_and_scales_the_tempo():
+    src = _midi()
+    out = mido.MidiFile(file=io.BytesIO(voice_and_retime(src, 40, 1.25)))
+    msgs = [m for tr in out.tracks for m in tr]
+    assert msgs[0].type == "program_change" and msgs[0].program == 40 and msgs[0].channel == 0
+    assert [m.tempo for m in msgs if m.type == "set_tempo"] == [400000]
+    before = mido.MidiFile(file=io.BytesIO(src)).length
+    assert before == pytest.approx(2.0) and out.length == pytest.approx(before / 1.25)
+    # a program change already in the score is overwritten too
+    out = mido.MidiFile(file=io.BytesIO(voice_and_retime(_midi(programs=[0]), 73, 1.0)))
+    assert {m.program for tr in out.tracks for m in tr if m.type == "program_change"} == {73}
+    with pytest.raises(ParameterError):
+        voice_and_retime(src, 128, 1.0)
+    with pytest.raises(ParameterError):
+        voice_and_retime(src, 40, 0.0)
+    with pytest.raises(DataError, match="MIDI"):
+        voice_and_retime(b"not a midi file", 40, 1.0)
+
+
+def test_finish_trims_caps_fades_and_normalises():
+    sr = 22050
+    rng = np.random.default_rng(0)
+    body = rng.standard_normal(sr * 2).astype(np.float32) * 0.3
+    y = np.concatenate([np.full(sr, 1e-5, np.float32), body, np.full(sr, 1e-5, np.float32)])
+    out = finish(y, sr)
+    assert out.size == body.size  # the -50 dB silence on both sides is gone
+    assert np.abs(out).max() == pytest.approx(10 ** (-1 / 20), rel=1e-6)
+    np.testing.assert_allclose(out / out[np.argmax(np.abs(out))], body / body[np.argmax(np.abs(body))], rtol=1e-5)
+    long = rng.standard_normal(int(sr * (MAX_SECONDS + 3))).astype(np.float32)
+    out = finish(long, sr)
+    assert out.size == int(MAX_SECONDS * sr) and out[-1] == 0.0  # capped, faded out
+    with pytest.raises(DataError, match="silent"):
+        finish(np.zeros(100, np.float32))
+
+
+def _logmel(y):
+    import librosa
+
+    return librosa.power_to_db(librosa.feature.melspectrogram(y=y, sr=22050, n_mels=64), top_db=80)
+
+
+def _has_soundfont():
+    from pathlib import Path
+
+    from models.rerender import SOUNDFONTS
+
+    return any(Path(p).is_file() for p in SOUNDFONTS)
+
+
+def test_a_rerender_with_the_pieces_own_program_reproduces_the_corpus_clip():
+    """The corpus recipe, followed: the shipped clip (the middle 10 s of the corpus file) is closest to our
+    render of the same score with the piece's own program and tempo factor."""
+    if shutil.which("fluidsynth") is None or not _has_soundfont():
+        _need("fluidsynth and fluid-soundfont-gm are not installed (make test installs them)")
+    from models.rerender import find_soundfont
+
+    clip, _ = sf.read(CLIP, dtype="float32")
+    ref = _logmel(clip)[:, 20:-20]
+
+    def distance(program):  # mean |dB| to the clip, at the best offset around the middle
+        y = finish(render_midi(voice_and_retime(MIDI.read_bytes(), program, 1.0017), soundfont=find_soundfont()))
+        a = (y.size - clip.size) // 2  # make_clips.py cuts the middle
+        return y.size, min(np.abs(_logmel(y[a + s: a + s + clip.size])[:, 20:-20] - ref).mean()
+                           for s in range(-2048, 2049, 256))
+
+    d = {p: distance(p) for p in GM_PROGRAMS}
+    assert abs(d[42][0] / 22050 - 64.487) < 0.2  # the manifest's duration, with its tempo factor
+    own = d[42][1]  # the manifest's program for this piece (cello)
+    assert own < 4.0, own  # measured 3.3 dB (plucked instruments reproduce closer, 1.1-2.0 dB over whole pieces)
+    others = sorted(v[1] for p, v in d.items() if p != 42)
+    assert own < others[0], d  # of the corpus's 8 instruments, the piece's own is the one the clip matches
+
+
+def test_rerender_corpus_bad_input(tmp_path):
+    with pytest.raises(DataError, match="manifest.csv"):
+        rerender_corpus(tmp_path, tmp_path, tmp_path / "out")
+    (tmp_path / "manifest.csv").write_text("path,composer\nx/a.ogg,x\n")
+    with pytest.raises(DataError, match="columns"):
+        rerender_corpus(tmp_path, tmp_path, tmp_path / "out")
+
+
+def test_cli_rerender_writes_a_data_set_with_the_corpus_piece_ids(tmp_path):
+    if shutil.which("fluidsynth") is None or not _has_soundfont():
+        _need("fluidsynth and fluid-soundfont-gm are not installed (make test installs them)")
+    corpus, midi = tmp_path / "corpus", tmp_path / "midi"
+    corpus.mkdir()
+    midi.mkdir()
+    shutil.copy(MIDI, midi / MIDI.name)
+    piece = MIDI.stem
+    (corpus / "manifest.csv").write_text(
+        "path,composer,piece,gm_program,tempo_factor,source_file\n"
+        f"erol_bingol/arazbar--seyir--sofyan--1.ogg,erol_bingol,{piece},42,1.0017,{MIDI.name}\n"
+        f"erol_bingol/missing.ogg,erol_bingol,missing--erol_bingol,42,1.0,missing.mid\n")
+    out = tmp_path / "out"
+    args = ["rerender", str(corpus), "--midi", str(midi), "-o", str(out), "--programs", "42,73", "--json"]
+    r = run_cli(*args)
+    assert r.returncode == 1 and "missing.mid" in r.stdout  # the missing score is reported, the rest rendered
+    res = json.loads(r.stdout)
+    assert res["rendered"] == 1 and res["kept"] == 0  # program 73 of the real score; 42 is its own, skipped
+    assert [f for f, _ in res["failed"]] == ["erol_bingol/missing.gm73.ogg"]
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    assert [(r_["path"], r_["piece"], r_["gm_program"]) for r_ in rows] == [
+        ("erol_bingol/arazbar--seyir--sofyan--1.gm73.ogg", piece, "73")]
+    y, sr = sf.read(out / rows[0]["path"], dtype="float32")
+    assert sr == 22050 and y.ndim == 1 and np.abs(y).max() == pytest.approx(10 ** (-1 / 20), abs=0.02)
+    assert not list(out.rglob(".*.tmp"))
+    r = run_cli(*args)  # a second run keeps what is there
+    assert json.loads(r.stdout)["kept"] == 1
+
+
+def _extra_renders(data_dir, root):
+    """A second rendering of every piece of ``data_dir`` (here: the same audio, 6 dB quieter), with a
+    manifest that gives each file its corpus piece id."""
+    rows = []
+    for f in sorted(data_dir.glob("*/*.wav")):
+        y, sr = sf.read(f, dtype="float32")
+        rel = f"{f.parent.name}/{f.stem}.gm40.wav"
+        (root / f.parent.name).mkdir(parents=True, exist_ok=True)
+        sf.write(root / rel, y * 0.5, sr)
+        rows.append({"path": rel, "piece": f.stem})
+    with open(root / "manifest.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["path", "piece"])
+        w.writeheader()
+        w.writerows(rows)
+    return rows
+
+
+def test_extra_renders_only_add_training_pieces(tmp_path, dataset, mel):  # noqa: F811
+    base = _train(dataset, tmp_path / "a", mel, tmp_path / "cache", cfg=dict(epochs=1))
+    split = json.loads((tmp_path / "a" / "split.json").read_text())
+    extra = tmp_path / "extra"
+    rows = _extra_renders(dataset, extra)
+    res = _train(dataset, tmp_path / "b", mel, tmp_path / "cache", cfg=dict(epochs=1, extra_train=str(extra)))
+    assert res["extra_train_files"] == len(split["train"]) == sum(r["piece"] in split["train"] for r in rows)
+    assert res["train_windows"] == 2 * base["train_windows"]  # every training piece twice, nothing else
+    assert res["test"]["n_windows"] == base["test"]["n_windows"]  # validation and test untouched
+    assert json.loads((tmp_path / "b" / "split.json").read_text()) == split
+    from models.bundle import load_bundle
+
+    assert "other renderings of the training pieces" in load_bundle(tmp_path / "b").card.training_data
+
+    with open(extra / "manifest.csv", "a", newline="") as fh:  # a piece the corpus does not have
+        fh.write("alpha/alpha_0.gm40.wav,no_such_piece\n")
+    with pytest.raises(DataError, match="not in the training data"):
+        _train(dataset, tmp_path / "c", mel, tmp_path / "cache", cfg=dict(epochs=1, extra_train=str(extra)))
+    shutil.rmtree(extra)
+    (extra / "zeta").mkdir(parents=True)
+    sf.write(extra / "zeta" / "z.wav", np.zeros(22050, np.float32), 22050)
+    (extra / "alpha").mkdir()
+    sf.write(extra / "alpha" / "alpha_0.wav", np.zeros(22050, np.float32), 22050)
+    with pytest.raises(DataError, match="zeta"):
+        _train(dataset, tmp_path / "d", mel, tmp_path / "cache", cfg=dict(epochs=1, extra_train=str(extra)))
