@@ -115,6 +115,13 @@ def test_rerender_corpus_bad_input(tmp_path):
     (tmp_path / "manifest.csv").write_text("path,composer\nx/a.ogg,x\n")
     with pytest.raises(DataError, match="columns"):
         rerender_corpus(tmp_path, tmp_path, tmp_path / "out")
+    (tmp_path / "split.json").write_text("not json")
+    r = run_cli("rerender", str(tmp_path), "--midi", str(tmp_path), "-o", str(tmp_path / "out"),
+                "--split", str(tmp_path / "split.json"))
+    assert r.returncode != 0 and "not a split file" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("rerender", str(tmp_path), "--midi", str(tmp_path), "-o", str(tmp_path / "out"), "--programs", "40,x")
+    assert r.returncode != 0 and "--programs" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_rerender_writes_a_data_set_with_the_corpus_piece_ids(tmp_path):
