@@ -66,6 +66,9 @@ class TrainConfig:
                 raise ParameterError(f"{k}: must be >= 1, got {getattr(self, k)}")
         if not 0 < self.lr < 1:
             raise ParameterError(f"lr: {self.lr} out of range (0, 1)")
+        if self.extra_train and self.leaky_window_split:
+            raise ParameterError("extra_train and leaky_window_split do not go together (the leaky split has no "
+                                 "training pieces to add renderings of)")
 
 
 def _dist():
@@ -279,12 +282,12 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
         cache_dir, progress and rank == 0)
     extra_items = []
     if cfg.extra_train:
-        if cfg.leaky_window_split:
-            raise ParameterError("extra_train and leaky_window_split do not go together (the leaky split has no "
-                                 "training pieces)")
+        if Path(cfg.extra_train).resolve() == Path(data_dir).resolve():
+            raise DataError(f"{cfg.extra_train}: the extra training data is the data set itself")
         extra_items, n_ignored = extra_training_items(cfg.extra_train, split, labels)
         cache = FeatureCache(data_dir, cache_dir or Path.home() / ".cache" / "tarab" / "features", featurizer, mel_config)
         extra_feats, extra_skipped = cache.load_all(extra_items, progress=progress and rank == 0)
+        extra_items = [it for it in extra_items if it.path in extra_feats]
         feats.update(extra_feats)
         skipped += extra_skipped
         log.info("extra training renders: %d files of training pieces used, %d of validation/test pieces ignored",

@@ -195,3 +195,9 @@ def test_extra_renders_only_add_training_pieces(tmp_path, dataset, mel):  # noqa
     sf.write(extra / "alpha" / "alpha_0.wav", np.zeros(22050, np.float32), 22050)
     with pytest.raises(DataError, match="zeta"):
         _train(dataset, tmp_path / "d", mel, tmp_path / "cache", cfg=dict(epochs=1, extra_train=str(extra)))
+    with pytest.raises(DataError, match="itself"):
+        _train(dataset, tmp_path / "e", mel, tmp_path / "cache", cfg=dict(epochs=1, extra_train=str(dataset)))
+    with pytest.raises(ParameterError, match="leaky"):
+        _train(dataset, tmp_path / "f", mel, tmp_path / "cache",
+               cfg=dict(epochs=1, extra_train=str(extra), leaky_window_split=True))
+    assert not (tmp_path / "f").exists() and not (tmp_path / "f.train").exists()  # refused before anything is written
