@@ -227,6 +227,7 @@ class GenConfig:
     max_train_windows: int = 0  # 0 = all (per epoch)
     time_budget_s: float = 0.0
     threads: int = 0  # 0 = torch default
+    extra_train: str = ""  # other renderings of the same pieces; only training pieces' files are used
 
     def validate(self):
         for k in ("frames", "hop_frames", "latent", "cond", "channels", "epochs", "batch_size"):
@@ -252,8 +253,8 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
 
     from tqdm import tqdm
 
-    from .train import (SYMBTR_LICENCE, _atomic_torch_save, band_stats, check_run_dirs, load_split_features,
-                        resume_from)
+    from .train import (SYMBTR_LICENCE, _atomic_torch_save, add_extra_training, band_stats, check_run_dirs,
+                        load_split_features, resume_from)
 
     cfg = config or GenConfig()
     cfg.validate()
@@ -268,7 +269,9 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
     t0 = time.time()
     items, labels, split, by_set, feats, skipped = load_split_features(
         data_dir, work, items, cfg.seed, cfg.val_frac, cfg.test_frac, featurizer, mel_config, cache_dir, progress)
-    wtrain = WindowSet(by_set["train"], feats, labels, cfg.frames, cfg.hop_frames)
+    extra_items = add_extra_training(cfg.extra_train, data_dir, split, labels, feats, skipped, featurizer,
+                                     mel_config, cache_dir, progress)
+    wtrain = WindowSet(by_set["train"] + extra_items, feats, labels, cfg.frames, cfg.hop_frames)
     wval = WindowSet(by_set["val"], feats, labels, cfg.frames, cfg.frames)
     wtest = WindowSet(by_set["test"], feats, labels, cfg.frames, cfg.frames)
     for name, ws in (("train", wtrain), ("validation", wval), ("test", wtest)):
@@ -384,7 +387,9 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
         fmax=None if mel_config["fmax"] is None else float(mel_config["fmax"]), window_frames=cfg.frames,
         training_data=(f"{Path(data_dir).name}: {len(items)} files, {len(labels)} composers; piece-level split "
                        f"(seed {cfg.seed}, the classifier's): trained on {len(split['train'])} pieces, "
-                       f"{len(split['val'])} validation, {len(split['test'])} test"),
+                       f"{len(split['val'])} validation, {len(split['test'])} test"
+                       + (f"; plus {len(extra_items)} other renderings of the training pieces "
+                          f"({Path(cfg.extra_train).name})" if extra_items else "")),
         licence=SYMBTR_LICENCE,
         metrics={"test": {"mse_normalised": test["mse"], "kl": test["kl"]}, "params": n_params,
                  "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
@@ -399,4 +404,4 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
                              "history.json": (work / "history.json").read_bytes()})
     return {"bundle": str(out_dir), "test": test, "params": n_params, "train_seconds": state["train_seconds"],
             "epochs_run": state["epoch"], "best_epoch": state["best_epoch"], "classes": describe(items),
-            "total_seconds": time.time() - t0}
+            "total_seconds": time.time() - t0, "train_windows": len(wtrain), "extra_train_files": len(extra_items)}

@@ -223,6 +223,24 @@ def extra_training_items(extra_dir, split: dict, labels) -> tuple[list, int]:
     return keep, len(items) - len(keep)
 
 
+def add_extra_training(extra_dir, data_dir, split, labels, feats: dict, skipped: list, featurizer, mel_config,
+                       cache_dir, progress) -> list:
+    """Load the features of ``extra_dir``'s renders of training pieces into ``feats`` (unreadable
+    files appended to ``skipped``); return their items ([] when ``extra_dir`` is empty)."""
+    if not extra_dir:
+        return []
+    if Path(extra_dir).resolve() == Path(data_dir).resolve():
+        raise DataError(f"{extra_dir}: the extra training data is the data set itself")
+    items, n_ignored = extra_training_items(extra_dir, split, labels)
+    cache = FeatureCache(data_dir, cache_dir or Path.home() / ".cache" / "tarab" / "features", featurizer, mel_config)
+    extra_feats, extra_skipped = cache.load_all(items, progress=progress)
+    feats.update(extra_feats)
+    skipped += extra_skipped
+    log.info("extra training renders: %d files of training pieces used, %d of validation/test pieces ignored",
+             len(extra_feats), n_ignored)
+    return [it for it in items if it.path in extra_feats]
+
+
 def band_stats(wset, seed: int, n: int = 400):
     """Per-band mean and std (torch tensors) of a deterministic subsample of training windows."""
     import torch
@@ -280,18 +298,8 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
     items, labels, split, by_set, feats, skipped = load_split_features(
         data_dir, work if rank == 0 else None, items, cfg.seed, cfg.val_frac, cfg.test_frac, featurizer, mel_config,
         cache_dir, progress and rank == 0)
-    extra_items = []
-    if cfg.extra_train:
-        if Path(cfg.extra_train).resolve() == Path(data_dir).resolve():
-            raise DataError(f"{cfg.extra_train}: the extra training data is the data set itself")
-        extra_items, n_ignored = extra_training_items(cfg.extra_train, split, labels)
-        cache = FeatureCache(data_dir, cache_dir or Path.home() / ".cache" / "tarab" / "features", featurizer, mel_config)
-        extra_feats, extra_skipped = cache.load_all(extra_items, progress=progress and rank == 0)
-        extra_items = [it for it in extra_items if it.path in extra_feats]
-        feats.update(extra_feats)
-        skipped += extra_skipped
-        log.info("extra training renders: %d files of training pieces used, %d of validation/test pieces ignored",
-                 len(extra_feats), n_ignored)
+    extra_items = add_extra_training(cfg.extra_train, data_dir, split, labels, feats, skipped, featurizer,
+                                     mel_config, cache_dir, progress and rank == 0)
     t_feats = time.time() - t_start
     if cfg.leaky_window_split:
         # The paper's protocol, for comparison only: windows of one piece land in train AND test.

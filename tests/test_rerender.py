@@ -1,6 +1,7 @@
 """Re-rendering pieces with other instruments (models.rerender) and training on those renders."""
 
 import csv
+import dataclasses
 import io
 import json
 import shutil
@@ -183,6 +184,16 @@ def test_extra_renders_only_add_training_pieces(tmp_path, dataset, mel):  # noqa
     from models.bundle import load_bundle
 
     assert "other renderings of the training pieces" in load_bundle(tmp_path / "b").card.training_data
+
+    from models.generator import GenConfig, train_generator
+
+    tiny = GenConfig(frames=16, hop_frames=4, latent=8, cond=4, channels=32, epochs=1, batch_size=8, val_frac=0.25,
+                     test_frac=0.25)
+    kw = dict(featurizer=mel.transform, mel_config=mel.config, cache_dir=tmp_path / "cache", progress=False)
+    g0 = train_generator(dataset, tmp_path / "g0", config=tiny, **kw)
+    g1 = train_generator(dataset, tmp_path / "g1", config=dataclasses.replace(tiny, extra_train=str(extra)), **kw)
+    assert g1["extra_train_files"] == len(split["train"]) and g1["train_windows"] == 2 * g0["train_windows"]
+    assert "other renderings" in load_bundle(tmp_path / "g1").card.training_data
 
     with open(extra / "manifest.csv", "a", newline="") as fh:  # a piece the corpus does not have
         fh.write("alpha/alpha_0.gm40.wav,no_such_piece\n")
