@@ -153,7 +153,8 @@ def render_midi(midi: bytes, *, soundfont, sr: int = SR) -> np.ndarray:
         r = subprocess.run([exe, "-n", "-i", "-q", "-r", str(sr), "-F", str(wav), str(soundfont), str(mid)],
                            capture_output=True, text=True)
         if r.returncode != 0 or not wav.is_file():
-            raise DataError(f"fluidsynth failed: {(r.stderr or r.stdout).strip().splitlines()[-1:] or r.returncode}")
+            last = ((r.stderr or r.stdout).strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+            raise DataError(f"fluidsynth failed: {last}")
         y, file_sr = sf.read(str(wav), dtype="float32", always_2d=True)
     if file_sr != sr:
         raise DataError(f"fluidsynth wrote {file_sr} Hz, asked for {sr}")

@@ -212,3 +212,14 @@ def test_extra_renders_only_add_training_pieces(tmp_path, dataset, mel):  # noqa
         _train(dataset, tmp_path / "f", mel, tmp_path / "cache",
                cfg=dict(epochs=1, extra_train=str(extra), leaky_window_split=True))
     assert not (tmp_path / "f").exists() and not (tmp_path / "f.train").exists()  # refused before anything is written
+
+
+def test_render_midi_reports_fluidsynth_failures():
+    if shutil.which("fluidsynth") is None or not _has_soundfont():
+        _need("fluidsynth and fluid-soundfont-gm are not installed (make test installs them)")
+    from models.rerender import find_soundfont
+
+    with pytest.raises(DataError, match="fluidsynth failed: .+"):
+        render_midi(b"not a midi file", soundfont=find_soundfont())
+    with pytest.raises(DataError, match="no soundfont"):
+        find_soundfont("/nonexistent.sf2")
