@@ -69,6 +69,14 @@ def find_soundfont(path=None) -> Path:
     raise DataError(f"no soundfont at {path or SOUNDFONTS[0]} (Debian: apt-get install fluid-soundfont-gm)")
 
 
+def _fluidsynth() -> str:
+    """Path of the ``fluidsynth`` executable; DataError if it is not installed."""
+    exe = shutil.which("fluidsynth")
+    if exe is None:
+        raise DataError("fluidsynth is not installed (Debian: apt-get install fluidsynth)")
+    return exe
+
+
 def voice_and_retime(midi: bytes, program: int, tempo_factor: float) -> bytes:
     """A MIDI file played by GM ``program`` at ``tempo_factor`` × its tempo.
 
@@ -144,9 +152,7 @@ def render_midi(midi: bytes, *, soundfont, sr: int = SR) -> np.ndarray:
     """
     import soundfile as sf
 
-    exe = shutil.which("fluidsynth")
-    if exe is None:
-        raise DataError("fluidsynth is not installed (Debian: apt-get install fluidsynth)")
+    exe = _fluidsynth()
     with tempfile.TemporaryDirectory(prefix="tarab-render-") as tmp:
         mid, wav = Path(tmp) / "in.mid", Path(tmp) / "out.wav"
         mid.write_bytes(midi)
@@ -213,18 +219,18 @@ def rerender_corpus(corpus_dir, midi_dir, out_dir, *, programs=GM_PROGRAMS, piec
     if not midi_dir.is_dir():
         raise DataError(f"{midi_dir}: not a directory (the SymbTr midi/ folder)")
     sf2 = find_soundfont(soundfont)
-    if shutil.which("fluidsynth") is None:
-        raise DataError("fluidsynth is not installed (Debian: apt-get install fluidsynth)")
+    _fluidsynth()
     programs = [int(p) for p in programs]
     if not programs or any(not 0 <= p <= 127 for p in programs):
         raise ParameterError(f"GM programs must be 0..127, got {programs}")
     if jobs < 1:
         raise ParameterError(f"jobs must be >= 1, got {jobs}")
     if pieces is not None:
-        unknown = set(pieces) - {r["piece"] for r in rows}
+        pieces = set(pieces)
+        unknown = pieces - {r["piece"] for r in rows}
         if unknown:
             raise DataError(f"{len(unknown)} piece id(s) not in {corpus}/manifest.csv, e.g. {sorted(unknown)[0]}")
-        rows = [r for r in rows if r["piece"] in set(pieces)]
+        rows = [r for r in rows if r["piece"] in pieces]
 
     tasks = []
     for r in rows:
