@@ -48,7 +48,8 @@ class TrainConfig:
     train_hop_frames: int = 108
     eval_hop_frames: int = 108
     patience: int = 6
-    seed: int = 0
+    seed: int = 0  # the piece split's seed; also the initialisation's unless init_seed is set
+    init_seed: int = -1  # >= 0: weights, augmentation and batch order from this seed, the split from ``seed``
     val_frac: float = 0.2
     test_frac: float = 0.2
     augment: bool = True
@@ -293,7 +294,8 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
     if distributed:
         torch.distributed.barrier()
 
-    torch.manual_seed(cfg.seed + rank)
+    iseed = cfg.init_seed if cfg.init_seed >= 0 else cfg.seed
+    torch.manual_seed(iseed + rank)
     t_start = time.time()
     items, labels, split, by_set, feats, skipped = load_split_features(
         data_dir, work if rank == 0 else None, items, cfg.seed, cfg.val_frac, cfg.test_frac, featurizer, mel_config,
@@ -335,7 +337,7 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
                                                 pct_start=0.15)
     class_w = torch.tensor(wtrain.class_weights())
     aug = Augmenter(mel_config["sr"], mel_config["n_fft"], n_mels, mel_config["fmin"], mel_config["fmax"],
-                    max_semitones=cfg.pitch_shift_semitones, seed=cfg.seed * 1000 + rank)
+                    max_semitones=cfg.pitch_shift_semitones, seed=iseed * 1000 + rank)
     mean_n, std_n = mean.numpy()[None, :, None], std.numpy()[None, :, None]
 
     state = {"epoch": 0, "best_val_loss": float("inf"), "best_epoch": -1, "bad_epochs": 0, "history": [],
@@ -357,9 +359,9 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
         net.train()
-        aug.rng = np.random.default_rng([cfg.seed, rank, epoch])  # a resumed run repeats the same draws
-        torch.manual_seed(cfg.seed * 100003 + epoch * 101 + rank)  # dropout, likewise
-        perm = np.random.default_rng([cfg.seed, epoch]).permutation(len(wtrain))
+        aug.rng = np.random.default_rng([iseed, rank, epoch])  # a resumed run repeats the same draws
+        torch.manual_seed(iseed * 100003 + epoch * 101 + rank)  # dropout, likewise
+        perm = np.random.default_rng([iseed, epoch]).permutation(len(wtrain))
         if cfg.max_train_windows:
             perm = perm[: cfg.max_train_windows]
         perm = perm[rank::world]

@@ -31,6 +31,7 @@ def cmd_train(args) -> int:
     from models.train import TrainConfig, train
 
     cfg = TrainConfig(arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      init_seed=args.init_seed,
                       patience=args.patience, window_frames=args.window_frames,
                       max_train_windows=args.max_train_windows, time_budget_s=args.time_budget * 60.0,
                       leaky_window_split=args.leaky_window_split,
@@ -52,9 +53,35 @@ def cmd_train(args) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"bundle {res['bundle']}: test window accuracy {t['window_accuracy']:.3f}, piece accuracy "
-              f"{t['piece_accuracy']:.3f}, macro F1 {t['macro_f1']:.3f} ({t['n_pieces']} pieces, {t['n_windows']} windows); "
+        print(f"bundle {res['bundle']}: {_test_line(t)}; "
               f"{res['params']} parameters, {res['epochs_run']} epochs in {res['train_seconds'] / 60:.1f} min")
+    return 0
+
+
+def _test_line(t: dict) -> str:
+    return (f"test window accuracy {t['window_accuracy']:.3f}, piece accuracy {t['piece_accuracy']:.3f}, "
+            f"macro F1 {t['macro_f1']:.3f} ({t['n_pieces']} pieces, {t['n_windows']} windows)")
+
+
+def cmd_ensemble(args) -> int:
+    from models.bundle import load_bundle
+    from models.ensemble import ensemble_bundles
+
+    mel = load_bundle(args.members[0], kind="classifier").card.mel_config()
+    sm = _mel.StreamingMel(**mel)
+    res = ensemble_bundles(args.members, args.output, args.data_dir, featurizer=sm.transform, mel_config=sm.config,
+                           cache_dir=args.cache_dir, force=args.force, progress=not args.json)
+    t = res["test"]
+    if args.json:
+        print(json.dumps({"bundle": res["bundle"], "window_accuracy": t["window_accuracy"],
+                          "piece_accuracy": t["piece_accuracy"], "macro_f1": t["macro_f1"], "params": res["params"],
+                          "members": res["members"]}))
+    else:
+        print(f"bundle {res['bundle']} ({len(res['members'])} members, {res['params']} parameters): {_test_line(t)}")
+        for m in res["members"]:
+            mt = m["test"] or {}
+            print(f"  member {m['bundle']}: window {mt.get('window_accuracy', float('nan')):.3f}, "
+                  f"piece {mt.get('piece_accuracy', float('nan')):.3f}")
     return 0
 
 
@@ -149,7 +176,10 @@ def register(sub) -> None:
     s.add_argument("--lr", type=float, default=2e-3)
     s.add_argument("--patience", type=int, default=6, help="early stopping: epochs without validation improvement")
     s.add_argument("--window-frames", type=int, default=216, help="frames per window (216 ≈ 5 s)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the piece split (and of the weights, unless --init-seed)")
+    s.add_argument("--init-seed", type=int, default=-1,
+                   help="seed of the weights, augmentation and batch order (default: --seed); members of an "
+                        "ensemble share --seed and differ here")
     s.add_argument("--threads", type=int, default=2, help="torch threads per process")
     s.add_argument("--max-train-windows", type=int, default=0, help="subsample training windows per epoch (0 = all)")
     s.add_argument("--time-budget", type=float, default=0.0, help="stop after the epoch that passes this many minutes")
@@ -178,6 +208,14 @@ def register(sub) -> None:
     s.add_argument("--jobs", type=int, default=2, help="FluidSynth processes at once")
     s.add_argument("--json", action="store_true", help="print a JSON summary; no progress bar")
     s.set_defaults(func=cmd_rerender)
+    s = sub.add_parser("ensemble", help="average classifier bundles trained on one split (tarab train --init-seed)")
+    s.add_argument("data_dir", type=Path, help="the members' data set (the ensemble is evaluated on its test pieces)")
+    s.add_argument("members", type=Path, nargs="+", help="classifier bundles with the same labels, features and split")
+    s.add_argument("-o", "--output", type=Path, required=True, help="bundle directory to create")
+    s.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default ~/.cache/tarab/features)")
+    s.add_argument("--force", action="store_true", help="overwrite OUTPUT")
+    s.add_argument("--json", action="store_true", help="print a JSON summary; no progress bar")
+    s.set_defaults(func=cmd_ensemble)
     _register_classify(sub)
     _register_demo(sub)
 
