@@ -25,6 +25,7 @@ and the SymbTr MIDI files (``git clone https://github.com/MTG/SymbTr``; the corp
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import os
@@ -41,7 +42,7 @@ from .errors import DataError, ParameterError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GM_PROGRAMS", "SOUNDFONTS", "voice_and_retime", "finish", "render_midi", "rerender_corpus",
+__all__ = ["GM_PROGRAMS", "SOUNDFONTS", "voice_and_retime", "finish", "render_midi", "rerender_corpus", "other_piece_rows",
            "find_soundfont"]
 
 GM_PROGRAMS = (24, 40, 42, 46, 71, 73, 104, 107)  # the corpus's: nylon guitar, violin, cello, harp,
@@ -52,6 +53,7 @@ TRIM_DB = -50.0
 MAX_SECONDS = 90.0
 FADE_SECONDS = 0.05
 PEAK_DBFS = -1.0
+MIN_SECONDS = 5.0  # the corpus left out shorter renders
 MANIFEST_FIELDS = ("path", "composer", "piece", "gm_program", "tempo_factor", "seconds", "source_file")
 
 
@@ -179,9 +181,54 @@ def _read_manifest(corpus: Path) -> list[dict]:
     return rows
 
 
+def _piece_key(stem: str):
+    """(composer, title) of a SymbTr score name ``makam--form--usul--title--composer``; untitled and
+    numbered pieces (peşrevs, seyirs: ``--1``) are keyed by makam and form instead."""
+    f = stem.split("--")
+    title = f[3] if len(f) > 4 else ""
+    return (f[-1], "title", title) if title and not title.isdigit() else (f[-1], "makam+form", f[0], f[1])
+
+
+def _tempo_factor(name: str) -> float:
+    """A tempo factor in [0.85, 1.15] from a hash of the score name: independent of the composer."""
+    h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+    return round(0.85 + 0.3 * h / 2 ** 64, 4)
+
+
+def other_piece_rows(rows: list[dict], midi_dir: Path, per_composer: int) -> list[dict]:
+    """Manifest rows for SymbTr scores of the corpus's composers that are *not* in the corpus.
+
+    Left out: the corpus's own scores, and scores that share a title with a corpus piece of the
+    same composer (or, untitled or numbered, its makam and form): they may be versions of it.
+    Up to ``per_composer`` per composer, in name order. The piece id is the score name, so these
+    pieces can never share an id with a corpus piece.
+    """
+    composers = {r["composer"] for r in rows}
+    own = {r["source_file"] for r in rows}
+    near = {_piece_key(Path(r["source_file"]).stem) for r in rows}
+    out, n = [], {}
+    for f in sorted(midi_dir.glob("*.mid")):
+        stem = f.stem
+        comp = stem.split("--")[-1]
+        if comp not in composers or f.name in own or _piece_key(stem) in near or stem.count("--") < 4:
+            continue
+        if n.get(comp, 0) >= per_composer:
+            continue
+        n[comp] = n.get(comp, 0) + 1
+        out.append({"path": f"{comp}/{stem.rsplit('--', 1)[0]}.ogg", "composer": comp, "piece": stem,
+                    "gm_program": "-1", "tempo_factor": f"{_tempo_factor(stem.rsplit('--', 1)[0]):.4f}",
+                    "source_file": f.name})
+    return out
+
+
 def rerender_corpus(corpus_dir, midi_dir, out_dir, *, programs=GM_PROGRAMS, pieces=None, include_own: bool = False,
-                    soundfont=None, jobs: int = 2, progress: bool = True) -> dict:
+                    other_pieces: int = 0, soundfont=None, jobs: int = 2, progress: bool = True) -> dict:
     """Render the corpus's pieces with each of ``programs`` into a folder-per-composer data set.
+
+    With ``other_pieces`` > 0, render instead up to that many SymbTr scores per composer that are
+    not in the corpus (:func:`other_piece_rows`), each with every one of ``programs``, each at a
+    tempo factor drawn from its name: more *pieces* to train on (``tarab train --other-train``).
+    Renders under 5 s are left out, as the corpus left them out.
 
     Parameters
     ----------
@@ -202,7 +249,8 @@ def rerender_corpus(corpus_dir, midi_dir, out_dir, *, programs=GM_PROGRAMS, piec
     Returns
     -------
     dict
-        ``{"rendered": n, "kept": n, "failed": [(file, reason)], "seconds": audio seconds, "manifest": path}``.
+        ``{"rendered": n, "kept": n, "short": n, "files": n, "failed": [(file, reason)], "seconds": audio
+        seconds, "manifest": path}`` (``short``: other pieces' renders under 5 s, left out).
 
     Raises
     ------
@@ -214,6 +262,10 @@ def rerender_corpus(corpus_dir, midi_dir, out_dir, *, programs=GM_PROGRAMS, piec
     import soundfile as sf
     from tqdm import tqdm
 
+    if other_pieces < 0:
+        raise ParameterError(f"other_pieces must be >= 0, got {other_pieces}")
+    if other_pieces and pieces is not None:
+        raise ParameterError("other_pieces renders pieces outside the corpus; it takes no list of corpus pieces")
     corpus, midi_dir, out = Path(corpus_dir), Path(midi_dir), Path(out_dir)
     rows = _read_manifest(corpus)
     if not midi_dir.is_dir():
@@ -225,6 +277,8 @@ def rerender_corpus(corpus_dir, midi_dir, out_dir, *, programs=GM_PROGRAMS, piec
         raise ParameterError(f"GM programs must be 0..127, got {programs}")
     if jobs < 1:
         raise ParameterError(f"jobs must be >= 1, got {jobs}")
+    if other_pieces:
+        rows = other_piece_rows(rows, midi_dir, other_pieces)
     if pieces is not None:
         pieces = set(pieces)
         unknown = pieces - {r["piece"] for r in rows}
@@ -253,6 +307,8 @@ def rerender_corpus(corpus_dir, midi_dir, out_dir, *, programs=GM_PROGRAMS, piec
             y = finish(render_midi(midi, soundfont=sf2))
         except DataError as e:
             return rel, str(e), 0.0
+        if other_pieces and y.size < MIN_SECONDS * SR:
+            return rel, "short", 0.0
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(f".{dst.name}.{threading.get_ident()}.tmp")
         try:
@@ -262,11 +318,13 @@ def rerender_corpus(corpus_dir, midi_dir, out_dir, *, programs=GM_PROGRAMS, piec
             tmp.unlink(missing_ok=True)
         return rel, "rendered", y.size / SR
 
-    done, failed, counts, total_s = {}, [], {"rendered": 0, "kept": 0}, 0.0
+    done, failed, counts, total_s = {}, [], {"rendered": 0, "kept": 0, "short": 0}, 0.0
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for (r, p, rel), (_, status, secs) in tqdm(zip(tasks, pool.map(one, tasks)), total=len(tasks),
                                                    desc="rendering", unit="file", disable=not progress):
-            if status in counts:
+            if status == "short":
+                counts["short"] += 1
+            elif status in counts:
                 counts[status] += 1
                 total_s += secs
                 done[rel] = (r, p, secs)
@@ -291,4 +349,4 @@ def rerender_corpus(corpus_dir, midi_dir, out_dir, *, programs=GM_PROGRAMS, piec
             for rel in sorted(old):
                 w.writerow({k: old[rel][k] for k in MANIFEST_FIELDS})
         os.replace(tmp, man)
-    return {**counts, "failed": failed, "seconds": round(total_s, 1), "manifest": str(man)}
+    return {**counts, "files": len(done), "failed": failed, "seconds": round(total_s, 1), "manifest": str(man)}

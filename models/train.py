@@ -58,6 +58,7 @@ class TrainConfig:
     max_train_windows: int = 0  # 0 = all; >0 subsamples each epoch (quick runs, tests)
     time_budget_s: float = 0.0  # 0 = none; stop after the epoch that crosses it
     extra_train: str = ""  # a data set of other renders of the same pieces; only training pieces' files are used
+    other_train: str = ""  # a data set of pieces outside the corpus (none of its piece ids); all used for training
 
     def validate(self):
         if self.arch not in ARCH_NAMES:
@@ -67,7 +68,7 @@ class TrainConfig:
                 raise ParameterError(f"{k}: must be >= 1, got {getattr(self, k)}")
         if not 0 < self.lr < 1:
             raise ParameterError(f"lr: {self.lr} out of range (0, 1)")
-        if self.extra_train and self.leaky_window_split:
+        if (self.extra_train or self.other_train) and self.leaky_window_split:
             raise ParameterError("extra_train and leaky_window_split do not go together (the leaky split has no "
                                  "training pieces to add renderings of)")
 
@@ -199,15 +200,20 @@ def load_split_features(data_dir, work, items, seed, val_frac, test_frac, featur
     return items, labels, split, by_set, feats, skipped
 
 
-def extra_training_items(extra_dir, split: dict, labels) -> tuple[list, int]:
-    """Items of ``extra_dir`` (other renderings of the corpus's pieces, same piece ids) whose piece is in
-    the training split, with absolute paths so they never collide with the corpus's. Returns
-    ``(items, n_ignored)``: files of validation/test pieces are ignored, never used.
+def extra_training_items(extra_dir, split: dict, labels, *, other_pieces: bool = False) -> tuple[list, int]:
+    """Items of ``extra_dir`` to add to the training set, with absolute paths so they never collide
+    with the corpus's. Returns ``(items, n_ignored)``.
+
+    By default ``extra_dir`` holds other renderings of the corpus's pieces (same piece ids): only
+    the files of training pieces are kept, those of validation/test pieces are ignored. With
+    ``other_pieces`` it holds pieces that are not in the corpus (``tarab rerender --other-pieces``):
+    all are kept, and none may carry a corpus piece id.
 
     Raises
     ------
     DataError
-        Not a data set, a composer the corpus does not have, a file whose piece is not in the corpus.
+        Not a data set, a composer the corpus does not have, a piece id not in the corpus (or, with
+        ``other_pieces``, one that is).
     """
     extra = Path(extra_dir).resolve()
     items = scan_dataset(extra)
@@ -215,6 +221,12 @@ def extra_training_items(extra_dir, split: dict, labels) -> tuple[list, int]:
     if unknown:
         raise DataError(f"{extra}: composer folder(s) not in the training data: {', '.join(unknown)}")
     known = set(split["train"]) | set(split["val"]) | set(split["test"])
+    if other_pieces:
+        shared = sorted({it.piece for it in items} & known)
+        if shared:
+            raise DataError(f"{extra}: {len(shared)} piece id(s) of the training data itself, e.g. {shared[0]} "
+                            f"(other pieces must be other pieces; renderings of the corpus's go to --extra-train)")
+        return [Item(str(extra / it.path), it.label, it.piece) for it in items], 0
     stray = sorted({it.piece for it in items} - known)
     if stray:
         raise DataError(f"{extra}: {len(stray)} piece id(s) not in the training data (its manifest.csv must use the "
@@ -225,20 +237,21 @@ def extra_training_items(extra_dir, split: dict, labels) -> tuple[list, int]:
 
 
 def add_extra_training(extra_dir, data_dir, split, labels, feats: dict, skipped: list, featurizer, mel_config,
-                       cache_dir, progress) -> list:
-    """Load the features of ``extra_dir``'s renders of training pieces into ``feats`` (unreadable
-    files appended to ``skipped``); return their items ([] when ``extra_dir`` is empty)."""
+                       cache_dir, progress, *, other_pieces: bool = False) -> list:
+    """Load the features of ``extra_dir``'s training files (:func:`extra_training_items`) into
+    ``feats`` (unreadable files appended to ``skipped``); return their items ([] when ``extra_dir``
+    is empty)."""
     if not extra_dir:
         return []
     if Path(extra_dir).resolve() == Path(data_dir).resolve():
         raise DataError(f"{extra_dir}: the extra training data is the data set itself")
-    items, n_ignored = extra_training_items(extra_dir, split, labels)
+    items, n_ignored = extra_training_items(extra_dir, split, labels, other_pieces=other_pieces)
     cache = FeatureCache(data_dir, cache_dir or Path.home() / ".cache" / "tarab" / "features", featurizer, mel_config)
     extra_feats, extra_skipped = cache.load_all(items, progress=progress)
     feats.update(extra_feats)
     skipped += extra_skipped
-    log.info("extra training renders: %d files of training pieces used, %d of validation/test pieces ignored",
-             len(extra_feats), n_ignored)
+    log.info("extra training data (%s): %d files used, %d of validation/test pieces ignored",
+             "other pieces" if other_pieces else "renderings of training pieces", len(extra_feats), n_ignored)
     return [it for it in items if it.path in extra_feats]
 
 
@@ -302,6 +315,8 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
         cache_dir, progress and rank == 0)
     extra_items = add_extra_training(cfg.extra_train, data_dir, split, labels, feats, skipped, featurizer,
                                      mel_config, cache_dir, progress and rank == 0)
+    other_items = add_extra_training(cfg.other_train, data_dir, split, labels, feats, skipped, featurizer,
+                                     mel_config, cache_dir, progress and rank == 0, other_pieces=True)
     t_feats = time.time() - t_start
     if cfg.leaky_window_split:
         # The paper's protocol, for comparison only: windows of one piece land in train AND test.
@@ -311,7 +326,7 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
         wtest, wval, wtrain = (wall.subset(perm[:n_te]), wall.subset(perm[n_te:n_te + n_va]),
                                wall.subset(perm[n_te + n_va:]))
     else:
-        wtrain = WindowSet(by_set["train"] + extra_items, feats, labels, cfg.window_frames, cfg.train_hop_frames)
+        wtrain = WindowSet(by_set["train"] + extra_items + other_items, feats, labels, cfg.window_frames, cfg.train_hop_frames)
         wval = WindowSet(by_set["val"], feats, labels, cfg.window_frames, cfg.eval_hop_frames)
         wtest = WindowSet(by_set["test"], feats, labels, cfg.window_frames, cfg.eval_hop_frames)
     for name, ws in (("train", wtrain), ("validation", wval), ("test", wtest)):
@@ -463,7 +478,9 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
                           f"piece-level split (seed {cfg.seed}): {len(split['train'])} train / "
                           f"{len(split['val'])} validation / {len(split['test'])} test pieces"
                           + (f"; plus {len(extra_items)} other renderings of the training pieces "
-                             f"({Path(cfg.extra_train).name})" if extra_items else ""))),
+                             f"({Path(cfg.extra_train).name})" if extra_items else "")
+                          + (f"; plus {len(other_items)} renderings of {len({i.piece for i in other_items})} "
+                             f"pieces outside the corpus ({Path(cfg.other_train).name})" if other_items else ""))),
         licence=SYMBTR_LICENCE,
         metrics={"test": {k: test[k] for k in ("window_accuracy", "piece_accuracy", "macro_f1", "n_pieces", "n_windows")},
                  "params": n_params, "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
@@ -479,4 +496,4 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
     return {"bundle": str(out_dir), "test": test, "params": n_params, "train_seconds": train_s,
             "feature_seconds": t_feats, "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
             "classes": describe(items), "skipped": skipped, "train_windows": len(wtrain),
-            "extra_train_files": len(extra_items)}
+            "extra_train_files": len(extra_items), "other_train_files": len(other_items)}

@@ -35,7 +35,8 @@ def cmd_train(args) -> int:
                       patience=args.patience, window_frames=args.window_frames,
                       max_train_windows=args.max_train_windows, time_budget_s=args.time_budget * 60.0,
                       leaky_window_split=args.leaky_window_split,
-                      extra_train=str(args.extra_train) if args.extra_train else "")
+                      extra_train=str(args.extra_train) if args.extra_train else "",
+                      other_train=str(args.other_train) if args.other_train else "")
     cfg.validate()
     import torch
 
@@ -101,12 +102,13 @@ def cmd_rerender(args) -> int:
     except ValueError:
         raise ParameterError(f"--programs: comma-separated GM program numbers, got {args.programs!r}") from None
     res = rerender_corpus(args.corpus, args.midi, args.output, programs=programs, pieces=pieces,
-                          include_own=args.include_own, soundfont=args.soundfont, jobs=args.jobs,
-                          progress=not args.json)
+                          include_own=args.include_own, other_pieces=args.other_pieces, soundfont=args.soundfont,
+                          jobs=args.jobs, progress=not args.json)
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"{args.output}: {res['rendered']} rendered, {res['kept']} already there, {len(res['failed'])} failed; "
+        short = f", {res['short']} under 5 s left out" if res["short"] else ""
+        print(f"{args.output}: {res['rendered']} rendered, {res['kept']} already there{short}, {len(res['failed'])} failed; "
               f"{res['seconds'] / 3600:.2f} h of audio in {res['files']} files; manifest {res['manifest']}")
         for rel, why in res["failed"]:
             print(f"  failed: {rel}: {why}", file=sys.stderr)
@@ -186,6 +188,9 @@ def register(sub) -> None:
     s.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default ~/.cache/tarab/features)")
     s.add_argument("--extra-train", type=Path, default=None, metavar="DIR",
                    help="other renderings of the same pieces (tarab rerender); only training pieces' files are used")
+    s.add_argument("--other-train", type=Path, default=None, metavar="DIR",
+                   help="pieces outside the data set (tarab rerender --other-pieces), all used for training; "
+                        "validation and test stay the data set's")
     s.add_argument("--leaky-window-split", action="store_true",
                    help="split windows, not pieces (the paper's leaky protocol; only to measure the gap)")
     s.add_argument("--resume", action="store_true", help="continue the run in OUTPUT.train/")
@@ -203,6 +208,9 @@ def register(sub) -> None:
                    help="GM programs to render, comma-separated (default: the corpus's 8)")
     s.add_argument("--include-own", action="store_true", help="also render each piece with its own program")
     s.add_argument("--split", type=Path, default=None, help="a split.json: render only the pieces of --split-set")
+    s.add_argument("--other-pieces", type=int, default=0, metavar="N",
+                   help="instead, render up to N SymbTr scores per composer that are NOT in the corpus (nor versions "
+                        "of its pieces), each with every --programs: more pieces to train on (tarab train --other-train)")
     s.add_argument("--split-set", choices=["train", "val", "test"], default="train")
     s.add_argument("--soundfont", type=Path, default=None, help="GM soundfont (default FluidR3_GM)")
     s.add_argument("--jobs", type=int, default=2, help="FluidSynth processes at once")

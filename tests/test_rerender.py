@@ -223,3 +223,58 @@ def test_render_midi_reports_fluidsynth_failures():
         render_midi(b"not a midi file", soundfont=find_soundfont())
     with pytest.raises(DataError, match="no soundfont"):
         find_soundfont("/nonexistent.sf2")
+
+
+def test_other_piece_rows_leave_out_the_corpus_and_versions_of_its_pieces(tmp_path):
+    from models.rerender import other_piece_rows
+
+    corpus = [{"composer": "sevki_bey", "source_file": "hicaz--sarki--aksak--bilmiyorum--sevki_bey.mid"},
+              {"composer": "erol_bingol", "source_file": "acem--seyir--sofyan--1--erol_bingol.mid"}]
+    names = ["hicaz--sarki--aksak--bilmiyorum--sevki_bey",  # the corpus's own score
+             "hicaz--sarki--curcuna--bilmiyorum--sevki_bey",  # the same song in another usul: a version
+             "acem--seyir--duyek--2--erol_bingol",  # numbered seyir, same makam and form: a version
+             "rast--seyir--sofyan--1--erol_bingol",  # another makam: a new piece
+             "ussak--sarki--aksak--daglar--sevki_bey", "yegah--sarki--aksak--du--sevki_bey",
+             "zavil--sarki--aksak--third--sevki_bey",  # over the cap of 2
+             "hicaz--sarki--aksak--bilmiyorum--dede_efendi",  # a composer the corpus lacks
+             "nihavent--pesrev--devrikebir----sevki_bey"]  # untitled: keyed by makam and form, new
+    for n in names:
+        (tmp_path / f"{n}.mid").write_bytes(b"MThd")
+    rows = other_piece_rows(corpus, tmp_path, per_composer=2)
+    assert [r["piece"] for r in rows] == ["nihavent--pesrev--devrikebir----sevki_bey",
+                                          "rast--seyir--sofyan--1--erol_bingol",
+                                          "ussak--sarki--aksak--daglar--sevki_bey"]
+    assert rows[1]["path"] == "erol_bingol/rast--seyir--sofyan--1.ogg" and rows[1]["gm_program"] == "-1"
+    tf = [float(r["tempo_factor"]) for r in rows]
+    assert all(0.85 <= t <= 1.15 for t in tf) and len(set(tf)) == 3
+    assert other_piece_rows(corpus, tmp_path, per_composer=2) == rows  # deterministic
+    with pytest.raises(ParameterError, match="other_pieces"):
+        rerender_corpus(tmp_path, tmp_path, tmp_path / "out", other_pieces=-1)
+
+
+def test_other_pieces_are_all_added_and_must_not_be_corpus_pieces(tmp_path, dataset, mel):  # noqa: F811
+    base = _train(dataset, tmp_path / "a", mel, tmp_path / "cache", cfg=dict(epochs=1))
+    other = tmp_path / "other"
+    rows = []
+    for f in sorted(dataset.glob("*/*.wav"))[::2]:  # every other piece, as if it were a new one
+        y, sr = sf.read(f, dtype="float32")
+        rel = f"{f.parent.name}/new_{f.stem}.wav"
+        (other / f.parent.name).mkdir(parents=True, exist_ok=True)
+        sf.write(other / rel, y[::-1].copy(), sr)
+        rows.append({"path": rel, "piece": f"new_{f.stem}"})
+    with open(other / "manifest.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["path", "piece"])
+        w.writeheader()
+        w.writerows(rows)
+    res = _train(dataset, tmp_path / "b", mel, tmp_path / "cache", cfg=dict(epochs=1, other_train=str(other)))
+    assert res["other_train_files"] == len(rows) and res["extra_train_files"] == 0
+    per_file = base["train_windows"] / len(json.loads((tmp_path / "a" / "split.json").read_text())["train"])
+    assert res["train_windows"] == base["train_windows"] + len(rows) * per_file  # all of them, same length
+    assert res["test"]["n_windows"] == base["test"]["n_windows"]
+    from models.bundle import load_bundle
+
+    assert "pieces outside the corpus" in load_bundle(tmp_path / "b").card.training_data
+    with open(other / "manifest.csv", "a", newline="") as fh:  # a corpus piece slipped in
+        fh.write("alpha/new_alpha_0.wav,alpha_0\n")
+    with pytest.raises(DataError, match="of the training data itself"):
+        _train(dataset, tmp_path / "c", mel, tmp_path / "cache", cfg=dict(epochs=1, other_train=str(other)))
