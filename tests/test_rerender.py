@@ -152,6 +152,9 @@ def test_cli_rerender_writes_a_data_set_with_the_corpus_piece_ids(tmp_path):
     assert not list(out.rglob(".*.tmp"))
     r = run_cli(*args)  # a second run keeps what is there
     assert json.loads(r.stdout)["kept"] == 1
+    r = run_cli(*args[:-1])  # the text summary
+    assert r.returncode == 1 and "1 already there" in r.stdout and "in 1 files" in r.stdout
+    assert "failed: erol_bingol/missing.gm73.ogg" in r.stderr and "Traceback" not in r.stderr
 
 
 def _extra_renders(data_dir, root):
