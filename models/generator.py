@@ -228,6 +228,7 @@ class GenConfig:
     time_budget_s: float = 0.0
     threads: int = 0  # 0 = torch default
     extra_train: str = ""  # other renderings of the same pieces; only training pieces' files are used
+    other_train: str = ""  # pieces outside the corpus (none of its piece ids); all used for training
 
     def validate(self):
         for k in ("frames", "hop_frames", "latent", "cond", "channels", "epochs", "batch_size"):
@@ -254,7 +255,7 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
     from tqdm import tqdm
 
     from .train import (SYMBTR_LICENCE, _atomic_torch_save, add_extra_training, band_stats, check_run_dirs,
-                        load_split_features, resume_from)
+                        load_split_features, resume_from, training_data_note)
 
     cfg = config or GenConfig()
     cfg.validate()
@@ -271,7 +272,9 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
         data_dir, work, items, cfg.seed, cfg.val_frac, cfg.test_frac, featurizer, mel_config, cache_dir, progress)
     extra_items = add_extra_training(cfg.extra_train, data_dir, split, labels, feats, skipped, featurizer,
                                      mel_config, cache_dir, progress)
-    wtrain = WindowSet(by_set["train"] + extra_items, feats, labels, cfg.frames, cfg.hop_frames)
+    other_items = add_extra_training(cfg.other_train, data_dir, split, labels, feats, skipped, featurizer,
+                                     mel_config, cache_dir, progress, other_pieces=True)
+    wtrain = WindowSet(by_set["train"] + extra_items + other_items, feats, labels, cfg.frames, cfg.hop_frames)
     wval = WindowSet(by_set["val"], feats, labels, cfg.frames, cfg.frames)
     wtest = WindowSet(by_set["test"], feats, labels, cfg.frames, cfg.frames)
     for name, ws in (("train", wtrain), ("validation", wval), ("test", wtest)):
@@ -388,8 +391,7 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
         training_data=(f"{Path(data_dir).name}: {len(items)} files, {len(labels)} composers; piece-level split "
                        f"(seed {cfg.seed}, the classifier's): trained on {len(split['train'])} pieces, "
                        f"{len(split['val'])} validation, {len(split['test'])} test"
-                       + (f"; plus {len(extra_items)} other renderings of the training pieces "
-                          f"({Path(cfg.extra_train).name})" if extra_items else "")),
+                       + training_data_note(extra_items, other_items, cfg.extra_train, cfg.other_train)),
         licence=SYMBTR_LICENCE,
         metrics={"test": {"mse_normalised": test["mse"], "kl": test["kl"]}, "params": n_params,
                  "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
@@ -404,4 +406,5 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
                              "history.json": (work / "history.json").read_bytes()})
     return {"bundle": str(out_dir), "test": test, "params": n_params, "train_seconds": state["train_seconds"],
             "epochs_run": state["epoch"], "best_epoch": state["best_epoch"], "classes": describe(items),
-            "total_seconds": time.time() - t0, "train_windows": len(wtrain), "extra_train_files": len(extra_items)}
+            "total_seconds": time.time() - t0, "train_windows": len(wtrain), "extra_train_files": len(extra_items),
+            "other_train_files": len(other_items)}

@@ -255,6 +255,17 @@ def add_extra_training(extra_dir, data_dir, split, labels, feats: dict, skipped:
     return [it for it in items if it.path in extra_feats]
 
 
+def training_data_note(extra_items, other_items, extra_dir, other_dir) -> str:
+    """The card's words for training data beyond the data set's training pieces ('' if none)."""
+    note = ""
+    if extra_items:
+        note += f"; plus {len(extra_items)} other renderings of the training pieces ({Path(extra_dir).name})"
+    if other_items:
+        note += (f"; plus {len(other_items)} renderings of {len({i.piece for i in other_items})} pieces outside the "
+                 f"corpus ({Path(other_dir).name})")
+    return note
+
+
 def band_stats(wset, seed: int, n: int = 400):
     """Per-band mean and std (torch tensors) of a deterministic subsample of training windows."""
     import torch
@@ -477,10 +488,7 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
                           if cfg.leaky_window_split else
                           f"piece-level split (seed {cfg.seed}): {len(split['train'])} train / "
                           f"{len(split['val'])} validation / {len(split['test'])} test pieces"
-                          + (f"; plus {len(extra_items)} other renderings of the training pieces "
-                             f"({Path(cfg.extra_train).name})" if extra_items else "")
-                          + (f"; plus {len(other_items)} renderings of {len({i.piece for i in other_items})} "
-                             f"pieces outside the corpus ({Path(cfg.other_train).name})" if other_items else ""))),
+                          + training_data_note(extra_items, other_items, cfg.extra_train, cfg.other_train))),
         licence=SYMBTR_LICENCE,
         metrics={"test": {k: test[k] for k in ("window_accuracy", "piece_accuracy", "macro_f1", "n_pieces", "n_windows")},
                  "params": n_params, "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],

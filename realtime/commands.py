@@ -186,11 +186,7 @@ def register(sub) -> None:
     s.add_argument("--max-train-windows", type=int, default=0, help="subsample training windows per epoch (0 = all)")
     s.add_argument("--time-budget", type=float, default=0.0, help="stop after the epoch that passes this many minutes")
     s.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default ~/.cache/tarab/features)")
-    s.add_argument("--extra-train", type=Path, default=None, metavar="DIR",
-                   help="other renderings of the same pieces (tarab rerender); only training pieces' files are used")
-    s.add_argument("--other-train", type=Path, default=None, metavar="DIR",
-                   help="pieces outside the data set (tarab rerender --other-pieces), all used for training; "
-                        "validation and test stay the data set's")
+    add_extra_data_args(s)
     s.add_argument("--leaky-window-split", action="store_true",
                    help="split windows, not pieces (the paper's leaky protocol; only to measure the gap)")
     s.add_argument("--resume", action="store_true", help="continue the run in OUTPUT.train/")
@@ -242,6 +238,15 @@ def register(sub) -> None:
 
 
 # ---- classify / live ---------------------------------------------------------------------------
+def add_extra_data_args(p: argparse.ArgumentParser) -> None:
+    """--extra-train and --other-train (training data beyond the data set's training pieces)."""
+    p.add_argument("--extra-train", type=Path, default=None, metavar="DIR",
+                   help="other renderings of the same pieces (tarab rerender); only training pieces' files are used")
+    p.add_argument("--other-train", type=Path, default=None, metavar="DIR",
+                   help="pieces outside the data set (tarab rerender --other-pieces), all used for training; "
+                        "validation and test stay the data set's")
+
+
 def add_classifier_args(p: argparse.ArgumentParser) -> None:
     from .classify import DEFAULT_RATE_HZ, DEFAULT_SILENCE_DB, DEFAULT_TIME_CONSTANT_S
     from .cli import add_preset_arg

@@ -58,7 +58,8 @@ def cmd_train_generator(args) -> int:
 
     cfg = GenConfig(epochs=args.epochs, seed=args.seed, max_train_windows=args.max_train_windows,
                     time_budget_s=args.time_budget * 60.0, threads=args.threads,
-                    extra_train=str(args.extra_train) if args.extra_train else "")
+                    extra_train=str(args.extra_train) if args.extra_train else "",
+                    other_train=str(args.other_train) if args.other_train else "")
     cfg.validate()
     torch.set_num_threads(args.threads)
     featurize, mel_config = _featurizer(args)
@@ -87,7 +88,7 @@ def cmd_evaluate_generation(args) -> int:
 
 
 def register(sub) -> None:
-    from .commands import add_mel_args
+    from .commands import add_extra_data_args, add_mel_args
 
     s = sub.add_parser("generate", help="generate audio in a composer's style (optionally morphing to another)")
     s.add_argument("--composer", help="composer to generate (see --list)")
@@ -112,8 +113,7 @@ def register(sub) -> None:
     s.add_argument("--seed", type=int, default=0, help="also the piece split's seed (keep the classifier's)")
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--max-train-windows", type=int, default=16000, help="windows per epoch (0 = all)")
-    s.add_argument("--extra-train", type=Path, default=None, metavar="DIR",
-                   help="other renderings of the same pieces (tarab rerender); only training pieces' files are used")
+    add_extra_data_args(s)
     s.add_argument("--time-budget", type=float, default=0.0, help="stop after the epoch that passes this many minutes")
     s.add_argument("--cache-dir", type=Path, default=None)
     s.add_argument("--resume", action="store_true")

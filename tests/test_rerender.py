@@ -277,6 +277,13 @@ def test_other_pieces_are_all_added_and_must_not_be_corpus_pieces(tmp_path, data
     from models.bundle import load_bundle
 
     assert "pieces outside the corpus" in load_bundle(tmp_path / "b").card.training_data
+    from models.generator import GenConfig, train_generator
+
+    g = train_generator(dataset, tmp_path / "g", config=GenConfig(frames=16, hop_frames=4, latent=8, cond=4, channels=32,
+                                                                  epochs=1, batch_size=8, val_frac=0.25, test_frac=0.25,
+                                                                  other_train=str(other)),
+                        featurizer=mel.transform, mel_config=mel.config, cache_dir=tmp_path / "cache", progress=False)
+    assert g["other_train_files"] == len(rows) and "pieces outside the corpus" in load_bundle(tmp_path / "g").card.training_data
     with open(other / "manifest.csv", "a", newline="") as fh:  # a corpus piece slipped in
         fh.write("alpha/new_alpha_0.wav,alpha_0\n")
     with pytest.raises(DataError, match="of the training data itself"):
