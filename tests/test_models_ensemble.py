@@ -9,6 +9,7 @@ import torch
 from conftest import run_cli
 from models.bundle import load_bundle
 from models.data import FeatureCache, WindowSet, scan_dataset
+from models.errors import BundleError
 from models.train import TrainConfig, train
 from realtime.mel import StreamingMel
 from synth import make_dataset
@@ -74,16 +75,19 @@ def test_ensemble_is_the_mean_of_its_members_and_evaluated_on_their_split(member
 
 
 def test_ensemble_refusals(members, tmp_path):
+    from models.ensemble import ensemble_bundles
+
     data, root = members
-    r = run_cli("ensemble", data, root / "m0", root / "other_split", "-o", tmp_path / "x")
+    r = run_cli("ensemble", data, root / "m0", root / "other_split", "-o", tmp_path / "x")  # the CLI's message
     assert r.returncode != 0 and "piece split" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
-    r = run_cli("ensemble", data, root / "m0", "-o", tmp_path / "x")
-    assert r.returncode != 0 and "at least 2" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("ensemble", data, root / "m0", root / "m0", "-o", tmp_path / "x")
-    assert r.returncode != 0 and "twice" in r.stderr
-    r = run_cli("ensemble", data, root / "m0", root / "m1", "-o", root / "m1")
-    assert r.returncode != 0 and "exists" in r.stderr and "--force" in r.stderr
+    sm = StreamingMel()
+    kw = dict(featurizer=sm.transform, mel_config=sm.config, cache_dir=root / "cache", progress=False)
+    for bad, match in (([root / "m0"], "at least 2"), ([root / "m0", root / "m0"], "twice"),
+                       ([root / "m0", tmp_path / "nope"], "nope")):
+        with pytest.raises(BundleError, match=match):
+            ensemble_bundles(bad, tmp_path / "x", data, **kw)
+        assert not (tmp_path / "x").exists()
+    with pytest.raises(BundleError, match="exists.*--force"):
+        ensemble_bundles([root / "m0", root / "m1"], root / "m1", data, **kw)
     assert load_bundle(root / "m1").card.extra["arch"] == "temporal"  # untouched
-    r = run_cli("ensemble", data, root / "m0", tmp_path / "nope", "-o", tmp_path / "x")
-    assert r.returncode != 0 and "Traceback" not in r.stderr and not (tmp_path / "x").exists()
