@@ -57,7 +57,7 @@ def test_offline_render_equals_live_engine_through_jack(jack_probe, classifier, 
     clip = clip[: 8 * sr]
     # a dropped JACK period would break the sample-for-sample comparison: rerun after a graph xrun.
     # This test needs a run with none at all, so it allows more runs than the others (a fresh-clone
-    # run in session 6 had 2-4 graph xruns in each of 5 runs, every engine callback on time).
+    # run in session 6 had 2-4 graph xruns in each of 5 runs, its slowest callbacks mostly 1-5 ms).
     stats, gen, rec, cap = repeat_on_graph_xrun(lambda: _live_render(jack_probe, classifier, tiny_models, preset, clip, sr),
                                                 lambda r: r[0], attempts=10)
     assert stats.xruns == 0 and stats.faults == 0 and gen.underruns == 0 and gen.faults == 0
