@@ -51,12 +51,13 @@ def _same(bundles: List[Bundle], what: str, get) -> None:
                               f"must share it")
 
 
-def ensemble_bundles(paths, out_dir, data_dir, *, featurizer, mel_config: dict, cache_dir=None, force: bool = False,
+def ensemble_bundles(paths, out_dir, data_dir, *, featurizer_for, cache_dir=None, force: bool = False,
                      progress: bool = True) -> dict:
     """Write one classifier bundle that averages the bundles at ``paths``.
 
     The ensemble is evaluated on the test pieces of the members' split in ``data_dir`` (their
     data set) before it is written, and its card carries those figures next to each member's.
+    ``featurizer_for(mel_config)`` returns ``(featurizer, mel_config)`` for the members' features.
 
     Raises
     ------
@@ -96,6 +97,7 @@ def ensemble_bundles(paths, out_dir, data_dir, *, featurizer, mel_config: dict, 
         raise BundleError("export check failed: the ensemble's outputs differ from the mean of its members'")
     from .evaluate import evaluate_bundle
 
+    featurizer, mel_config = featurizer_for(first.mel_config())
     test = evaluate_bundle(Bundle(scripted, first, bundles[0].path), data_dir, featurizer=featurizer,
                            mel_config=mel_config, cache_dir=cache_dir, progress=progress)
     members = [{"bundle": p.name, "name": b.card.name, "init_seed": b.card.extra.get("config", {}).get("init_seed"),

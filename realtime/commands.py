@@ -65,12 +65,13 @@ def _test_line(t: dict) -> str:
 
 
 def cmd_ensemble(args) -> int:
-    from models.bundle import load_bundle
     from models.ensemble import ensemble_bundles
 
-    mel = load_bundle(args.members[0], kind="classifier").card.mel_config()
-    sm = _mel.StreamingMel(**mel)
-    res = ensemble_bundles(args.members, args.output, args.data_dir, featurizer=sm.transform, mel_config=sm.config,
+    def featurizer_for(mel: dict):
+        sm = _mel.StreamingMel(**mel)
+        return sm.transform, sm.config
+
+    res = ensemble_bundles(args.members, args.output, args.data_dir, featurizer_for=featurizer_for,
                            cache_dir=args.cache_dir, force=args.force, progress=not args.json)
     t = res["test"]
     if args.json:

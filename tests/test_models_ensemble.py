@@ -81,8 +81,8 @@ def test_ensemble_refusals(members, tmp_path):
     r = run_cli("ensemble", data, root / "m0", root / "other_split", "-o", tmp_path / "x")  # the CLI's message
     assert r.returncode != 0 and "piece split" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
-    sm = StreamingMel()
-    kw = dict(featurizer=sm.transform, mel_config=sm.config, cache_dir=root / "cache", progress=False)
+    kw = dict(featurizer_for=lambda mel: (StreamingMel(**mel).transform, StreamingMel(**mel).config),
+              cache_dir=root / "cache", progress=False)
     for bad, match in (([root / "m0"], "at least 2"), ([root / "m0", root / "m0"], "twice"),
                        ([root / "m0", tmp_path / "nope"], "nope")):
         with pytest.raises(BundleError, match=match):
