@@ -47,6 +47,9 @@ def main(argv=None) -> int:
         print(f"callback time with classifier worker: median {r['callback_median_pct']:.2f} %, p99 "
               f"{r['callback_p99_pct']:.2f} %, p99.9 {r['callback_p999_pct']:.2f} %, max {r['callback_max_pct']:.2f} % "
               f"of the block period (target p99.9 ≤ 10 %)")
+        print(f"callback CPU time: p99 {r['callback_cpu_p99_pct']:.2f} %, max {r['callback_cpu_max_pct']:.2f} % of the "
+              f"period; late callbacks {r['late_callbacks']} ({r['late_by_tarab']} tarab's); hypervisor steal "
+              f"{r['steal_pct']:.1f} % of the CPU time")
         print(f"classifier worker: {r['estimates_per_s']:.2f} estimates/s (configured {r['configured_rate_hz']:.2f}), "
               f"{r['worker_cpu_share_of_core'] * 100:.1f} % "
               f"of one core (target ≤ 10 %), skipped {r['skipped_windows']}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import resource
 import signal
 import sys
 import threading
@@ -42,7 +43,20 @@ ABANDONED: list = []
 
 @dataclass
 class EngineStats:
-    """A snapshot of the engine's counters (all times in milliseconds)."""
+    """A snapshot of the engine's counters (all times in milliseconds).
+
+    ``callback_*_ms`` are wall-clock durations of the callback; ``callback_cpu_*_ms`` the CPU time
+    its thread used in it (the work alone). A callback longer than its period is *late*, and is
+    counted under the first of: ``late_busy`` (its CPU time exceeded the period: too much work),
+    ``late_blocked`` (its thread slept: it waited for the GIL, a lock or a page read),
+    ``late_preempted`` (another thread or process ran in its place; under JACK the callback thread
+    is SCHED_FIFO, so only real-time threads and interrupts can) and ``late_stalled`` (no switch
+    at all: the hypervisor took the virtual CPU, which the kernel accounts as steal time). The
+    first two are tarab's doing (:attr:`late_by_tarab`), the last two the machine's.
+    ``steal_pct`` is the share of this machine's CPU time that its hypervisor took while the
+    stream ran (Linux ``/proc/stat``; 0 on bare metal): above a few percent no guest can keep a
+    real-time deadline, and the late counters say more about the host than about tarab.
+    """
 
     sr: int
     block_size: int
@@ -63,9 +77,22 @@ class EngineStats:
     callback_p999_ms: float
     callback_max_ms: float
     block_period_ms: float
+    callback_cpu_p99_ms: float = 0.0
+    callback_cpu_max_ms: float = 0.0
+    late_callbacks: int = 0
+    late_busy: int = 0
+    late_blocked: int = 0
+    late_preempted: int = 0
+    late_stalled: int = 0
+    steal_pct: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def late_by_tarab(self) -> int:
+        """Late callbacks that were tarab's doing: too much work, or a wait (GIL, lock, page read)."""
+        return self.late_busy + self.late_blocked
 
     def line(self) -> str:
         """One human-readable status line."""
@@ -73,8 +100,9 @@ class EngineStats:
         return (f"{self.sr} Hz, block {self.block_size} | latency in {self.input_latency_ms:.1f} + "
                 f"engine {self.engine_latency_ms:.1f} + out {self.output_latency_ms:.1f} = "
                 f"{self.total_latency_ms:.1f} ms | callback p50 {self.callback_median_ms * pct:.1f}% "
-                f"p99.9 {self.callback_p999_ms * pct:.1f}% of {self.block_period_ms:.1f} ms | "
-                f"xruns {self.xruns} | faults {self.faults}")
+                f"p99.9 {self.callback_p999_ms * pct:.1f}% (CPU max {self.callback_cpu_max_ms * pct:.1f}%) "
+                f"of {self.block_period_ms:.1f} ms | xruns {self.xruns} | late {self.late_callbacks} "
+                f"({self.late_by_tarab} tarab's) | steal {self.steal_pct:.1f}% | faults {self.faults}")
 
 
 class AudioEngine:
@@ -130,6 +158,12 @@ class AudioEngine:
         self._y = np.zeros((self.in_channels, MAX_BLOCK), np.float32)
         self._obuf = np.zeros(MAX_BLOCK * self.out_channels, np.float32)
         self._cb_ns = np.zeros(TIMING_HISTORY, np.int64)
+        self._cpu_ns = np.zeros(TIMING_HISTORY, np.int64)
+        # late callbacks: all, busy (CPU time > period), blocked (waited: GIL, lock, page read),
+        # preempted (another thread of this machine ran), stalled (no switch: the VM's CPU was away)
+        self._late = np.zeros(5, np.int64)
+        self._period_ns = int(self.block_size * 1e9 / self.sr)
+        self._cpu0 = None  # cpu_ticks() when the stream started
         self._flags = np.zeros(5, np.int64)  # in-underflow, in-overflow, out-underflow, out-overflow, priming
         self.callbacks = 0
         self.frames = 0
@@ -170,6 +204,7 @@ class AudioEngine:
             except (OSError, ValueError) as e:
                 raise DeviceError(f"cannot open audio stream: {e}") from None
             self.stream.start_stream()
+            self._cpu0 = cpu_ticks()
         except BaseException:
             self.stop()
             raise
@@ -261,6 +296,8 @@ class AudioEngine:
                 out[off:off + m, c] = y[c % ich]
 
     def _callback(self, in_data, frame_count, time_info, status):
+        ru0 = resource.getrusage(resource.RUSAGE_THREAD)
+        c0 = time.thread_time_ns()
         t0 = time.perf_counter_ns()
         n = frame_count
         och, ich = self.out_channels, self.in_channels
@@ -284,10 +321,35 @@ class AudioEngine:
             self._obuf[: min(n, MAX_BLOCK) * och] = 0.0
             data = self._obuf[: min(n, MAX_BLOCK) * och].tobytes()
         self.frames += n
-        self._cb_ns[self.callbacks % TIMING_HISTORY] = time.perf_counter_ns() - t0
+        wall = time.perf_counter_ns() - t0
+        cpu = time.thread_time_ns() - c0
+        i = self.callbacks % TIMING_HISTORY
+        self._cb_ns[i] = wall
+        self._cpu_ns[i] = cpu
+        if wall > self._period_ns:
+            self._classify_late(cpu, ru0)
         self.callbacks += 1
         self._last_cb_t = time.monotonic()
         return data, self._continue
+
+    def _classify_late(self, cpu_ns: int, ru0) -> None:
+        """Count a callback that overran its period, by why (its thread's CPU time and switches).
+
+        With paravirtual steal-time accounting a thread's CPU time leaves out the time its vCPU
+        was taken by the hypervisor, so a callback that used less CPU than its period and never
+        switched was held up by the machine, not by tarab.
+        """
+        ru1 = resource.getrusage(resource.RUSAGE_THREAD)
+        late = self._late
+        late[0] += 1
+        if cpu_ns > self._period_ns:
+            late[1] += 1  # tarab's work did not fit the period
+        elif ru1.ru_nvcsw > ru0.ru_nvcsw:
+            late[2] += 1  # the thread slept: GIL held by a worker, a lock, a page read
+        elif ru1.ru_nivcsw > ru0.ru_nivcsw:
+            late[3] += 1  # another thread or process took the CPU
+        else:
+            late[4] += 1  # no switch at all: the virtual CPU itself was stalled
 
     # ---- control ------------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:
@@ -349,20 +411,29 @@ class AudioEngine:
         """Xruns so far (cheap: for per-update displays; :meth:`stats` computes percentiles)."""
         return int(self._flags[:4].sum())
 
-    def callback_times_ms(self, recent: int | None = None) -> np.ndarray:
-        """Durations of the most recent callbacks [ms] (all kept, up to 65536, or the last ``recent``)."""
+    def _recent_ms(self, ns: np.ndarray, recent: int | None) -> np.ndarray:
         n = min(self.callbacks, TIMING_HISTORY)
         if recent is not None and recent < n:
             end = self.callbacks % TIMING_HISTORY
             idx = np.arange(end - recent, end) % TIMING_HISTORY
-            return self._cb_ns[idx].astype(np.float64) / 1e6
-        return self._cb_ns[:n].astype(np.float64) / 1e6
+            return ns[idx].astype(np.float64) / 1e6
+        return ns[:n].astype(np.float64) / 1e6
+
+    def callback_times_ms(self, recent: int | None = None) -> np.ndarray:
+        """Durations of the most recent callbacks [ms] (all kept, up to 65536, or the last ``recent``)."""
+        return self._recent_ms(self._cb_ns, recent)
+
+    def callback_cpu_ms(self, recent: int | None = None) -> np.ndarray:
+        """CPU time the callback thread used in each of those callbacks [ms]: the work itself,
+        without time spent waiting (GIL, lock) or not scheduled (another thread, the hypervisor)."""
+        return self._recent_ms(self._cpu_ns, recent)
 
     def stats(self, recent: int | None = None) -> EngineStats:
         """Counters, latencies and callback-time percentiles (over the last ``recent`` callbacks
         if given: cheaper, for displays that refresh several times a second)."""
         t = self.callback_times_ms(recent)
         q = np.percentile(t, [50, 99, 99.9]) if t.size else np.zeros(3)
+        cpu = self.callback_cpu_ms(recent)
         inl = self.stream.get_input_latency() * 1e3 if self.stream else 0.0
         outl = self.stream.get_output_latency() * 1e3 if self.stream else 0.0
         eng = self.unit.latency_samples / self.sr * 1e3
@@ -376,4 +447,27 @@ class AudioEngine:
             callback_p99_ms=float(q[1]), callback_p999_ms=float(q[2]),
             callback_max_ms=float(t.max()) if t.size else 0.0,
             block_period_ms=self.block_size / self.sr * 1e3,
+            callback_cpu_p99_ms=float(np.percentile(cpu, 99)) if cpu.size else 0.0,
+            callback_cpu_max_ms=float(cpu.max()) if cpu.size else 0.0, late_callbacks=int(self._late[0]),
+            late_busy=int(self._late[1]), late_blocked=int(self._late[2]),
+            late_preempted=int(self._late[3]), late_stalled=int(self._late[4]),
+            steal_pct=self._steal_pct(),
         )
+
+    def _steal_pct(self) -> float:
+        now, then = cpu_ticks(), self._cpu0
+        if now is None or then is None or now[0] <= then[0]:
+            return 0.0
+        return 100.0 * (now[1] - then[1]) / (now[0] - then[0])
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(all CPU time, time stolen by the hypervisor) of this machine so far, in clock ticks,
+    from Linux's ``/proc/stat``; None where it cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already in user and nice]
+    return (sum(v[:8]), v[7]) if len(v) >= 8 else None

@@ -55,14 +55,36 @@ def _stat(st, key):
     return st.get(key, float("nan")) if isinstance(st, dict) else getattr(st, key)
 
 
+STEAL_LIMIT_PCT = 1.0  # hypervisor steal above which a run's lateness cannot be judged (idle: ~0.4 %)
+
+
 def tarab_on_time(st) -> bool:
-    """No xrun caused by tarab: JACK reported none, or every engine callback met its deadline.
+    """No xrun caused by tarab: JACK reported none, or no engine callback was late by tarab's doing.
 
+    A callback that overran its period counts against tarab if its thread used more CPU than the
+    period (too much work) or slept in it (waited for the GIL, a lock, a page read): the engine's
+    ``late_busy`` and ``late_blocked``. Callbacks held up by the machine (``late_preempted``: a
+    real-time thread or interrupt ran; ``late_stalled``: the hypervisor took the vCPU) do not.
+    When the hypervisor took more than ``STEAL_LIMIT_PCT`` of the VM's CPU time during the run,
+    neither can be told apart (a stolen vCPU stalls the thread holding the GIL, and steal-time
+    accounting is coarse): the run is reported as not judged, and passes.
     ``st`` is an ``EngineStats`` or its dict (the CLI's JSON ``end`` event)."""
-    return _stat(st, "xruns") == 0 or _stat(st, "callback_max_ms") < _stat(st, "block_period_ms")
+    if _stat(st, "xruns") == 0 or _stat(st, "callback_max_ms") < _stat(st, "block_period_ms"):
+        return True
+    if _stat(st, "late_busy") == 0 and _stat(st, "late_blocked") == 0:
+        return True
+    return steal_too_high(st)
 
 
-def repeat_on_graph_xrun(run, stats_of=lambda r: r, attempts: int = 5):
+def steal_too_high(st) -> bool:
+    """True, and printed, when the hypervisor took more than ``STEAL_LIMIT_PCT`` of the CPU during the run."""
+    if _stat(st, "steal_pct") > STEAL_LIMIT_PCT:
+        print(f"timing not judged: the hypervisor took {_stat(st, 'steal_pct'):.1f} % of the CPU time during the run")
+        return True
+    return False
+
+
+def repeat_on_graph_xrun(run, stats_of=lambda r: r, attempts: int = 5, clean: bool = False):
     """Run a JACK scenario; run it again (up to ``attempts`` runs) while JACK reports an xrun.
 
     On this 2-vCPU Firecracker VM the JACK dummy server reports xruns in some runs with every tarab
@@ -70,15 +92,28 @@ def repeat_on_graph_xrun(run, stats_of=lambda r: r, attempts: int = 5):
     kernel's DAMON pageout adds page faults): the README's "Real-time figures on this VM". Noisy
     spells last minutes: once (session 5) three runs in a row had 46–120 graph xruns and single
     callbacks of 19–47 ms, and the same test then passed three times in a row, so up to five runs.
-    Tests then assert :func:`tarab_on_time` on the last run.
+    Tests then assert :func:`tarab_on_time` on the last run, which tells tarab's late callbacks
+    from the machine's (CI met such a spell: 12–190 graph xruns in every run, callbacks of 9–36 ms).
+
+    ``clean=True`` is for tests that need a run without any graph xrun (sample-exact comparisons):
+    if every run had one and the hypervisor took more than ``STEAL_LIMIT_PCT`` of the CPU in every
+    run, the test is skipped with the measured steal, since no run could be judged.
     """
+    steals = []
     for i in range(attempts):
         r = run()
         st = stats_of(r)
         if not _stat(st, "xruns"):
             return r
-        print(f"graph xruns {_stat(st, 'xruns')}, max engine callback {_stat(st, 'callback_max_ms'):.2f} ms"
+        steals.append(_stat(st, "steal_pct"))
+        print(f"graph xruns {_stat(st, 'xruns')}, max engine callback {_stat(st, 'callback_max_ms'):.2f} ms "
+              f"(CPU {_stat(st, 'callback_cpu_max_ms'):.2f} ms); late callbacks: busy {_stat(st, 'late_busy')}, "
+              f"blocked {_stat(st, 'late_blocked')}, preempted {_stat(st, 'late_preempted')}, "
+              f"stalled {_stat(st, 'late_stalled')}; steal {_stat(st, 'steal_pct'):.1f} %"
               + (": run repeated" if i + 1 < attempts else ": last run"))
+    if clean and all(x > STEAL_LIMIT_PCT for x in steals):
+        pytest.skip(f"every one of {attempts} runs had JACK graph xruns while the hypervisor took "
+                    f"{min(steals):.1f}-{max(steals):.1f} % of the CPU time: no clean run to compare")
     return r
 
 

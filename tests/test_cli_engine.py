@@ -61,7 +61,7 @@ def test_monitor_runs_and_reports(jack_server):
         assert r.returncode == 0, r.stderr
         return [json.loads(x) for x in r.stdout.splitlines()]
 
-    lines = repeat_on_graph_xrun(once, lambda lines: lines[-1])  # rerun after a graph xrun (conftest)
+    lines = repeat_on_graph_xrun(once, lambda lines: lines[-1], clean=True)  # rerun after a graph xrun (conftest)
     end = lines[-1]
     assert end["event"] == "end" and end["reason"] == "duration"
     assert end["xruns"] == 0 and end["faults"] == 0 and end["callbacks"] > 100

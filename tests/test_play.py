@@ -7,7 +7,7 @@ same clock as the captured audio.
 import numpy as np
 import pytest
 import torch
-from conftest import repeat_on_graph_xrun, run_cli, tarab_on_time
+from conftest import repeat_on_graph_xrun, run_cli, steal_too_high, tarab_on_time
 
 from realtime import AudioEngine
 from realtime.classify import load_classifier
@@ -23,9 +23,9 @@ def _rms(x):
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if len(x) else 0.0
 
 
-def _session(gen_dir, events, seconds, preset="default"):
+def _session(gen_dir, events, seconds, preset="default", clean=False):
     """One run, repeated while JACK reports a graph xrun (conftest.repeat_on_graph_xrun)."""
-    return repeat_on_graph_xrun(lambda: _session_once(gen_dir, events, seconds, preset), lambda r: r[1])
+    return repeat_on_graph_xrun(lambda: _session_once(gen_dir, events, seconds, preset), lambda r: r[1], clean=clean)
 
 
 def _session_once(gen_dir, events, seconds, preset):
@@ -71,7 +71,9 @@ def test_notes_velocity_and_release_through_jack(jack_server, tiny_models, tmp_p
     t = [int(x * SR) for x in (0.3, 1.8, 3.3, 4.8)]
     events = [(t[0], [0x90, 60, 120]), (t[1], [0x80, 60, 0]),  # alpha (60 % 3 == 0), loud
               (t[2], [0x90, 63, 30]), (t[3], [0x90, 63, 0])]  # alpha again, soft; note-on vel 0 = off
-    cap, stats, inst, midi, (sent, dropped, alive) = _session(gen, events, 6.3, preset=preset)
+    # levels and envelopes are compared with offline renders aligned at each onset: a dropped period
+    # in between would shift them, so this test needs a run without graph xruns
+    cap, stats, inst, midi, (sent, dropped, alive) = _session(gen, events, 6.3, preset=preset, clean=True)
     assert tarab_on_time(stats) and stats.faults == 0 and alive, stats
     assert sent == 4 and dropped == 0 and midi.received == 4 and midi.malformed == 0
     assert not cap[: t[0]].any()  # silence before the first note
@@ -168,12 +170,15 @@ def test_midi_flood_malformed_and_last_value_wins(jack_server, tiny_models):
                (int(5.6 * SR), [0xE0, 0, 64])]
     cap, stats, inst, midi, (sent, dropped, alive) = _session(gen, events, 6.5)
     assert alive and midi.errors == 0, midi.last_error
-    # No xrun caused by tarab: every callback met its deadline, and 99 % of them took under half a
-    # period while the flood arrived. (Graph xruns with an on-time engine do occur here under this
-    # load in full-suite runs — see _session; they are printed, not asserted. A single callback of
-    # 8.9 ms, p99 2.3 ms, was seen once on this VM: a preempted vCPU, not the work in it.)
-    assert stats.faults == 0 and stats.callback_max_ms < stats.block_period_ms, stats
-    assert stats.callback_p99_ms < 0.5 * stats.block_period_ms, stats
+    # No xrun caused by tarab: no callback was late by tarab's doing (too much work, or a wait for
+    # the GIL or a lock), and 99 % of them used under half a period of CPU while the flood arrived.
+    # Wall-clock times are not bounded here: on this VM a callback with 2 ms of work sometimes ends
+    # 8–20 ms after it began because the hypervisor took the vCPU (the engine counts it as stalled).
+    # While the hypervisor steals more than conftest.STEAL_LIMIT_PCT, even CPU times inflate.
+    assert stats.faults == 0
+    if not steal_too_high(stats):
+        assert stats.late_by_tarab == 0 and stats.callback_cpu_max_ms < stats.block_period_ms, stats
+        assert stats.callback_cpu_p99_ms < 0.5 * stats.block_period_ms, stats
     assert sent + dropped == len(events)
     n_sysex = sum(1 for _, m in events if m[0] == 0xF0)
     assert dropped == 0 and midi.received == sent - n_sysex  # every message arrived (sysex is ignored by rtmidi)
@@ -184,7 +189,7 @@ def test_midi_flood_malformed_and_last_value_wins(jack_server, tiny_models):
     assert inst.transpose == 0.0 and not inst.sustain
     assert np.isfinite(cap).all() and np.abs(cap).max() < 1.0
     print(f"flood: sent {sent}, dropped by JACK {dropped}, received {midi.received}, malformed {midi.malformed}; "
-          f"graph xruns {stats.xruns}, max callback {stats.callback_max_ms:.2f} ms")
+          f"graph xruns {stats.xruns}, max callback {stats.callback_max_ms:.2f} ms (CPU {stats.callback_cpu_max_ms:.2f} ms)")
 
 
 def test_play_cli_bad_input(tmp_path):

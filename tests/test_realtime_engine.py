@@ -31,7 +31,8 @@ def test_live_passthrough_is_sample_exact(jack_probe):
     sr = jack_probe.sr
     sig = _noise(2.0, sr)
     # a dropped JACK period would break the bit-exact comparison: rerun after a graph xrun
-    cap, stats, probe_xruns = repeat_on_graph_xrun(lambda: _passthrough_once(jack_probe, sig), lambda r: r[1])
+    cap, stats, probe_xruns = repeat_on_graph_xrun(lambda: _passthrough_once(jack_probe, sig), lambda r: r[1],
+                                                   clean=True)
     delay = measure_delay(sig, cap)
     # the captured signal equals the injected one, bit for bit, after the round trip
     np.testing.assert_array_equal(cap[delay:delay + sig.size], sig)

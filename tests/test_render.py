@@ -59,7 +59,7 @@ def test_offline_render_equals_live_engine_through_jack(jack_probe, classifier, 
     # This test needs a run with none at all, so it allows more runs than the others (a fresh-clone
     # run in session 6 had 2-4 graph xruns in each of 5 runs, its slowest callbacks mostly 1-5 ms).
     stats, gen, rec, cap = repeat_on_graph_xrun(lambda: _live_render(jack_probe, classifier, tiny_models, preset, clip, sr),
-                                                lambda r: r[0], attempts=10)
+                                                lambda r: r[0], attempts=10, clean=True)
     assert stats.xruns == 0 and stats.faults == 0 and gen.underruns == 0 and gen.faults == 0
     recorded = rec.drain()[0]  # every block the chain processed, from the first callback
     src = tmp_path / "in.wav"
