@@ -93,7 +93,7 @@ def repeat_on_graph_xrun(run, stats_of=lambda r: r, attempts: int = 5, clean: bo
     spells last minutes: once (session 5) three runs in a row had 46–120 graph xruns and single
     callbacks of 19–47 ms, and the same test then passed three times in a row, so up to five runs.
     Tests then assert :func:`tarab_on_time` on the last run, which tells tarab's late callbacks
-    from the machine's (CI met such a spell: 12–190 graph xruns in every run, callbacks of 9–36 ms).
+    from the machine's (CI met such a spell: 2–190 graph xruns in every run, callbacks of 5.7–36 ms).
 
     ``clean=True`` is for tests that need a run without any graph xrun (sample-exact comparisons):
     if every run had one and the hypervisor took more than ``STEAL_LIMIT_PCT`` of the CPU in every
