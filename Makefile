@@ -15,7 +15,7 @@ demo: venv
 	$(VENV)/bin/tarab demo
 
 test: test-deps venv
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs --durations=10 $(PYTEST_ARGS)
 
 bench: venv
 	$(PY) -m bench
