@@ -106,10 +106,13 @@ def repeat_on_graph_xrun(run, stats_of=lambda r: r, attempts: int = 5, clean: bo
         if not _stat(st, "xruns"):
             return r
         steals.append(_stat(st, "steal_pct"))
-        print(f"graph xruns {_stat(st, 'xruns')}, max engine callback {_stat(st, 'callback_max_ms'):.2f} ms "
-              f"(CPU {_stat(st, 'callback_cpu_max_ms'):.2f} ms); late callbacks: busy {_stat(st, 'late_busy')}, "
-              f"blocked {_stat(st, 'late_blocked')}, preempted {_stat(st, 'late_preempted')}, "
-              f"stalled {_stat(st, 'late_stalled')}; steal {_stat(st, 'steal_pct'):.1f} %"
+        detail = ""
+        if not isinstance(st, dict) or "callback_max_ms" in st:
+            detail = (f", max engine callback {_stat(st, 'callback_max_ms'):.2f} ms (CPU "
+                      f"{_stat(st, 'callback_cpu_max_ms'):.2f} ms); late callbacks: busy {_stat(st, 'late_busy')}, "
+                      f"blocked {_stat(st, 'late_blocked')}, preempted {_stat(st, 'late_preempted')}, "
+                      f"stalled {_stat(st, 'late_stalled')}")
+        print(f"graph xruns {_stat(st, 'xruns')}{detail}; steal {_stat(st, 'steal_pct'):.1f} %"
               + (": run repeated" if i + 1 < attempts else ": last run"))
     if clean and all(x > STEAL_LIMIT_PCT for x in steals):
         pytest.skip(f"every one of {attempts} runs had JACK graph xruns while the hypervisor took "
