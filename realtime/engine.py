@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import resource
 import signal
 import sys
 import threading
@@ -27,6 +26,11 @@ from .devices import AudioDevices, DeviceError
 from .units import MAX_BLOCK, MIN_BLOCK, Unit
 
 log = logging.getLogger(__name__)
+
+try:  # a thread's context switches (Linux); elsewhere late callbacks cannot be told apart by cause
+    from resource import RUSAGE_THREAD, getrusage
+except ImportError:
+    RUSAGE_THREAD = None
 
 SWITCH_INTERVAL_S = 0.001
 
@@ -52,7 +56,9 @@ class EngineStats:
     ``late_preempted`` (another thread or process ran in its place; under JACK the callback thread
     is SCHED_FIFO, so only real-time threads and interrupts can) and ``late_stalled`` (no switch
     at all: the hypervisor took the virtual CPU, which the kernel accounts as steal time). The
-    first two are tarab's doing (:attr:`late_by_tarab`), the last two the machine's.
+    first two are tarab's doing (:attr:`late_by_tarab`), the last two the machine's. Where a
+    thread's switches cannot be read (``RUSAGE_THREAD`` is Linux's), a late callback that was not
+    busy counts as blocked.
     ``steal_pct`` is the share of this machine's CPU time that its hypervisor took while the
     stream ran (Linux ``/proc/stat``; 0 on bare metal): above a few percent no guest can keep a
     real-time deadline, and the late counters say more about the host than about tarab.
@@ -296,7 +302,7 @@ class AudioEngine:
                 out[off:off + m, c] = y[c % ich]
 
     def _callback(self, in_data, frame_count, time_info, status):
-        ru0 = resource.getrusage(resource.RUSAGE_THREAD)
+        ru0 = getrusage(RUSAGE_THREAD) if RUSAGE_THREAD is not None else None
         c0 = time.thread_time_ns()
         t0 = time.perf_counter_ns()
         n = frame_count
@@ -339,13 +345,13 @@ class AudioEngine:
         was taken by the hypervisor, so a callback that used less CPU than its period and never
         switched was held up by the machine, not by tarab.
         """
-        ru1 = resource.getrusage(resource.RUSAGE_THREAD)
         late = self._late
         late[0] += 1
+        ru1 = getrusage(RUSAGE_THREAD) if ru0 is not None else None
         if cpu_ns > self._period_ns:
             late[1] += 1  # tarab's work did not fit the period
-        elif ru1.ru_nvcsw > ru0.ru_nvcsw:
-            late[2] += 1  # the thread slept: GIL held by a worker, a lock, a page read
+        elif ru1 is None or ru1.ru_nvcsw > ru0.ru_nvcsw:
+            late[2] += 1  # the thread slept (GIL held by a worker, a lock, a page read), or unknown
         elif ru1.ru_nivcsw > ru0.ru_nivcsw:
             late[3] += 1  # another thread or process took the CPU
         else:
