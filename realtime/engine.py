@@ -3,7 +3,8 @@
 The callback deinterleaves the input into a preallocated ``(channels, n)`` block, calls
 ``unit.process(block, out=...)``, interleaves the result and hands it back to PortAudio. It
 takes no lock, does no file or console I/O and never calls torch; the only objects it creates
-are the small ones PyAudio's API requires (a view of the input bytes and the output ``bytes``).
+are the small ones PyAudio's API requires (a view of the input bytes and the output ``bytes``)
+and the thread's usage record from ``getrusage``, which tells why a late callback was late.
 Faults inside ``process`` are counted and answered with silence for that block; the main
 thread logs them. Xruns are counted from PortAudio's status flags.
 """
