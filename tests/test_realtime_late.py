@@ -65,23 +65,42 @@ def test_too_much_work_is_busy():
     assert st.callback_cpu_max_ms * 1e6 > PERIOD_NS and st.late_by_tarab == 1
 
 
+def _list_that_sorts_in(seconds):
+    """A list of floats whose ``sorted()`` takes at least ``seconds`` on this machine."""
+    n = 50_000
+    while True:
+        data = np.random.default_rng(0).random(n).tolist()
+        t0 = time.perf_counter()
+        sorted(data)
+        if time.perf_counter() - t0 >= seconds:
+            return data
+        n *= 2
+
+
 def test_waiting_for_the_gil_is_blocked():
     """A worker that takes the GIL and keeps it in one long C call (a sort) holds the callback up."""
-    data = list(np.random.default_rng(0).random(400_000))
-    started = threading.Event()
-    go = threading.Event()
+    data = _list_that_sorts_in(0.04)  # 3.4 periods
+    ready, go, started, done = (threading.Event() for _ in range(4))
 
     def worker():
-        go.wait()
+        ready.set()
+        while not go.is_set():  # runnable and asking for the GIL, so the hand-over is quick
+            pass
         started.set()
-        sorted(data)  # one C call: the GIL is not handed back until it ends (~50-100 ms)
+        sorted(data)  # one C call: the GIL is not handed back until it ends
+        done.set()
 
+    # A thread waiting for the GIL wakes every switch interval to ask again (30-100 µs of CPU each
+    # here), so the wait costs the callback some CPU of its own: 2 ms keeps it to a few ms.
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(0.002)
     t = threading.Thread(target=worker)
     t.start()
+    ready.wait()
 
     def wait_in_bytecode():
         go.set()
-        while not started.is_set():  # the worker asks for the GIL; the switch interval hands it over
+        while not started.is_set():  # the GIL goes to the worker within a switch interval
             pass
 
     try:
@@ -89,6 +108,9 @@ def test_waiting_for_the_gil_is_blocked():
     finally:
         go.set()
         t.join()
+        sys.setswitchinterval(old)
+    assert done.is_set()
+    print(f"waiting for the GIL: callback {st.callback_max_ms:.1f} ms, its CPU {st.callback_cpu_max_ms:.2f} ms")
     assert counts == (0, 1, 0, 0), st
     assert st.callback_cpu_max_ms * 1e6 < PERIOD_NS and st.late_by_tarab == 1
 
