@@ -24,7 +24,7 @@ def _rms(x):
 
 
 def _session(gen_dir, events, seconds, preset="default", clean=False):
-    """One run, repeated while JACK reports a graph xrun (conftest.repeat_on_graph_xrun)."""
+    """One run, repeated after graph xruns as conftest.repeat_on_graph_xrun decides (clean: need none)."""
     return repeat_on_graph_xrun(lambda: _session_once(gen_dir, events, seconds, preset), lambda r: r[1], clean=clean)
 
 
@@ -173,7 +173,7 @@ def test_midi_flood_malformed_and_last_value_wins(jack_server, tiny_models):
     # No xrun caused by tarab: no callback was late by tarab's doing (too much work, or a wait for
     # the GIL or a lock), and 99 % of them used under half a period of CPU while the flood arrived.
     # Wall-clock times are not bounded here: on this VM a callback with 2 ms of work sometimes ends
-    # 8–20 ms after it began because the hypervisor took the vCPU (the engine counts it as stalled).
+    # 8–20 ms after it began because the machine took the vCPU (the engine counts it as preempted or stalled).
     # While the hypervisor steals more than conftest.STEAL_LIMIT_PCT, even CPU times inflate.
     assert stats.faults == 0
     if not steal_too_high(stats):
