@@ -21,9 +21,14 @@ def add_mel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-mels", type=int, default=_mel.N_MELS)
 
 
-def _featurizer(args):
-    sm = _mel.StreamingMel(sr=_mel.SR, n_fft=args.n_fft, hop_length=args.hop_length, n_mels=args.n_mels)
+def featurizer_for(mel: dict):
+    """``(featurize, mel_config)`` for training and evaluation: the live engine's ``StreamingMel``."""
+    sm = _mel.StreamingMel(**mel)
     return sm.transform, sm.config
+
+
+def _featurizer(args):
+    return featurizer_for(dict(sr=_mel.SR, n_fft=args.n_fft, hop_length=args.hop_length, n_mels=args.n_mels))
 
 
 # ---- train -----------------------------------------------------------------------------------
@@ -66,10 +71,6 @@ def _test_line(t: dict) -> str:
 
 def cmd_ensemble(args) -> int:
     from models.ensemble import ensemble_bundles
-
-    def featurizer_for(mel: dict):
-        sm = _mel.StreamingMel(**mel)
-        return sm.transform, sm.config
 
     res = ensemble_bundles(args.members, args.output, args.data_dir, featurizer_for=featurizer_for,
                            cache_dir=args.cache_dir, force=args.force, progress=not args.json)

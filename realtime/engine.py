@@ -94,7 +94,7 @@ class EngineStats:
     steal_pct: float = 0.0
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "late_by_tarab": self.late_by_tarab}
 
     @property
     def late_by_tarab(self) -> int:
@@ -166,9 +166,9 @@ class AudioEngine:
         self._obuf = np.zeros(MAX_BLOCK * self.out_channels, np.float32)
         self._cb_ns = np.zeros(TIMING_HISTORY, np.int64)
         self._cpu_ns = np.zeros(TIMING_HISTORY, np.int64)
-        # late callbacks: all, busy (CPU time > period), blocked (waited: GIL, lock, page read),
+        # late callbacks: busy (CPU time > period), blocked (waited: GIL, lock, page read),
         # preempted (another thread of this machine ran), stalled (no switch: the VM's CPU was away)
-        self._late = np.zeros(5, np.int64)
+        self._late = np.zeros(4, np.int64)
         self._period_ns = int(self.block_size * 1e9 / self.sr)
         self._cpu0 = None  # cpu_ticks() when the stream started
         self._flags = np.zeros(5, np.int64)  # in-underflow, in-overflow, out-underflow, out-overflow, priming
@@ -347,16 +347,15 @@ class AudioEngine:
         switched was held up by the machine, not by tarab.
         """
         late = self._late
-        late[0] += 1
         ru1 = getrusage(RUSAGE_THREAD) if ru0 is not None else None
         if cpu_ns > self._period_ns:
-            late[1] += 1  # tarab's work did not fit the period
+            late[0] += 1  # tarab's work did not fit the period
         elif ru1 is None or ru1.ru_nvcsw > ru0.ru_nvcsw:
-            late[2] += 1  # the thread slept (GIL held by a worker, a lock, a page read), or unknown
+            late[1] += 1  # the thread slept (GIL held by a worker, a lock, a page read), or unknown
         elif ru1.ru_nivcsw > ru0.ru_nivcsw:
-            late[3] += 1  # another thread or process took the CPU
+            late[2] += 1  # another thread or process took the CPU
         else:
-            late[4] += 1  # no switch at all: the virtual CPU itself was stalled
+            late[3] += 1  # no switch at all: the virtual CPU itself was stalled
 
     # ---- control ------------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:
@@ -455,9 +454,9 @@ class AudioEngine:
             callback_max_ms=float(t.max()) if t.size else 0.0,
             block_period_ms=self.block_size / self.sr * 1e3,
             callback_cpu_p99_ms=float(np.percentile(cpu, 99)) if cpu.size else 0.0,
-            callback_cpu_max_ms=float(cpu.max()) if cpu.size else 0.0, late_callbacks=int(self._late[0]),
-            late_busy=int(self._late[1]), late_blocked=int(self._late[2]),
-            late_preempted=int(self._late[3]), late_stalled=int(self._late[4]),
+            callback_cpu_max_ms=float(cpu.max()) if cpu.size else 0.0, late_callbacks=int(self._late.sum()),
+            late_busy=int(self._late[0]), late_blocked=int(self._late[1]),
+            late_preempted=int(self._late[2]), late_stalled=int(self._late[3]),
             steal_pct=self._steal_pct(),
         )
 

@@ -69,14 +69,7 @@ def tarab_on_time(st) -> bool:
     neither can be told apart (a stolen vCPU stalls the thread holding the GIL, and steal-time
     accounting is coarse): the run is reported as not judged, and passes.
     ``st`` is an ``EngineStats`` or its dict (the CLI's JSON ``end`` event)."""
-    return _stat(st, "xruns") == 0 or _late_by_tarab(st) == 0 or steal_too_high(st)
-
-
-def _late_by_tarab(st):
-    """Late callbacks of tarab's own (busy or blocked); NaN when the stats do not say."""
-    if isinstance(st, dict) and "late_by_tarab" in st:
-        return st["late_by_tarab"]
-    return _stat(st, "late_busy") + _stat(st, "late_blocked")
+    return _stat(st, "xruns") == 0 or _stat(st, "late_by_tarab") == 0 or steal_too_high(st)
 
 
 def steal_too_high(st) -> bool:
@@ -113,7 +106,7 @@ def repeat_on_graph_xrun(run, stats_of=lambda r: r, attempts: int = 5, clean: bo
             return r
         steals.append(_stat(st, "steal_pct"))
         # a run whose graph xruns were none of tarab's doing is kept unless the test needs a clean one
-        keep = not clean and _late_by_tarab(st) == 0
+        keep = not clean and _stat(st, "late_by_tarab") == 0
         detail = ""
         if not isinstance(st, dict) or "callback_max_ms" in st:
             detail = (f", max engine callback {_stat(st, 'callback_max_ms'):.2f} ms (CPU "

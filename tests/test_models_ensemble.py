@@ -76,13 +76,13 @@ def test_ensemble_is_the_mean_of_its_members_and_evaluated_on_their_split(member
 
 def test_ensemble_refusals(members, tmp_path):
     from models.ensemble import ensemble_bundles
+    from realtime.commands import featurizer_for
 
     data, root = members
     r = run_cli("ensemble", data, root / "m0", root / "other_split", "-o", tmp_path / "x")  # the CLI's message
     assert r.returncode != 0 and "piece split" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
-    kw = dict(featurizer_for=lambda mel: (StreamingMel(**mel).transform, StreamingMel(**mel).config),
-              cache_dir=root / "cache", progress=False)
+    kw = dict(featurizer_for=featurizer_for, cache_dir=root / "cache", progress=False)
     for bad, match in (([root / "m0"], "at least 2"), ([root / "m0", root / "m0"], "twice"),
                        ([root / "m0", tmp_path / "nope"], "nope")):
         with pytest.raises(BundleError, match=match):
