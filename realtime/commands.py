@@ -117,6 +117,26 @@ def cmd_rerender(args) -> int:
     return 1 if res["failed"] else 0
 
 
+def cmd_ceiling(args) -> int:
+    from models.ceiling import corpus_ceiling
+
+    for name in ("folds", "repeats", "jobs", "trees"):
+        if getattr(args, name) < (2 if name == "folds" else 1):
+            raise ParameterError(f"--{name} must be at least {2 if name == 'folds' else 1}, got {getattr(args, name)}")
+    res = corpus_ceiling(args.corpus, args.midi, audio=args.audio, folds=args.folds, repeats=args.repeats,
+                         seed=args.seed, trees=args.trees, jobs=args.jobs, progress=not args.json)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"{res['n_pieces']} pieces, {len(res['composers'])} composers; piece accuracy of a random forest, "
+          f"{res['folds']}-fold piece-level cross-validation x {res['repeats']} shuffles "
+          f"(chance {100 / len(res['composers']):.1f} %):")
+    width = max(map(len, res["results"]))
+    for name, r in res["results"].items():
+        print(f"  {name:<{width}}  {100 * r['mean']:5.1f} % ± {100 * r['sd']:.1f}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from models.evaluate import confusion_png, curves_png, evaluate_bundle
 
@@ -214,6 +234,17 @@ def register(sub) -> None:
     s.add_argument("--jobs", type=int, default=2, help="FluidSynth processes at once")
     s.add_argument("--json", action="store_true", help="print a JSON summary; no progress bar")
     s.set_defaults(func=cmd_rerender)
+    s = sub.add_parser("ceiling", help="how well the composer can be told from each piece's notes (score or yin)")
+    s.add_argument("corpus", type=Path, help="the corpus (its manifest.csv names each piece's MIDI score)")
+    s.add_argument("--midi", type=Path, required=True, help="folder of the SymbTr MIDI files (SymbTr's midi/)")
+    s.add_argument("--audio", action="store_true", help="also transcribe the corpus's audio (librosa.yin)")
+    s.add_argument("--folds", type=int, default=5)
+    s.add_argument("--repeats", type=int, default=3, help="cross-validations with different shuffles")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--trees", type=int, default=500, help="trees in each random forest")
+    s.add_argument("--jobs", type=int, default=2, help="processes for --audio")
+    s.add_argument("--json", action="store_true", help="print a JSON summary; no progress bars")
+    s.set_defaults(func=cmd_ceiling)
     s = sub.add_parser("ensemble", help="average classifier bundles trained on one split (tarab train --init-seed)")
     s.add_argument("data_dir", type=Path, help="the members' data set (the ensemble is evaluated on its test pieces)")
     s.add_argument("members", type=Path, nargs="+", help="classifier bundles with the same labels, features and split")
