@@ -254,8 +254,8 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
 
     from tqdm import tqdm
 
-    from .train import (SYMBTR_LICENCE, _atomic_torch_save, add_extra_training, band_stats, check_run_dirs,
-                        load_split_features, resume_from, training_data_note)
+    from .train import (SYMBTR_LICENCE, _atomic_torch_save, add_extra_training, band_stats, card_config,
+                        check_run_dirs, load_split_features, resume_from, training_data_note)
 
     cfg = config or GenConfig()
     cfg.validate()
@@ -396,7 +396,7 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
         metrics={"test": {"mse_normalised": test["mse"], "kl": test["kl"]}, "params": n_params,
                  "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
                  "train_seconds": round(state["train_seconds"], 1)},
-        extra={"arch": "stylevae", "latent": cfg.latent, "cond": cfg.cond, "config": dataclasses.asdict(cfg),
+        extra={"arch": "stylevae", "latent": cfg.latent, "cond": cfg.cond, "config": card_config(cfg),
                "latent_prior": "per composer: Gaussian of its training windows' latent means (covariance "
                                f"shrunk {PRIOR_SHRINK * 100:g} % toward its diagonal)",
                "skipped_files": [p for p, _ in skipped]},

@@ -255,6 +255,15 @@ def add_extra_training(extra_dir, data_dir, split, labels, feats: dict, skipped:
     return [it for it in items if it.path in extra_feats]
 
 
+def card_config(cfg) -> dict:
+    """A training config for a model card: its extra data sets by folder name, not by this machine's path."""
+    d = dataclasses.asdict(cfg)
+    for key in ("extra_train", "other_train"):
+        if d.get(key):
+            d[key] = Path(d[key]).name
+    return d
+
+
 def training_data_note(extra_items, other_items, extra_dir, other_dir) -> str:
     """The card's words for training data beyond the data set's training pieces ('' if none)."""
     note = ""
@@ -493,7 +502,7 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
         metrics={"test": {k: test[k] for k in ("window_accuracy", "piece_accuracy", "macro_f1", "n_pieces", "n_windows")},
                  "params": n_params, "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
                  "train_seconds": round(train_s, 1), "feature_seconds": round(t_feats, 1), "world_size": world},
-        extra={"arch": cfg.arch, "config": dataclasses.asdict(cfg), "skipped_files": [p for p, _ in skipped]},
+        extra={"arch": cfg.arch, "config": card_config(cfg), "skipped_files": [p for p, _ in skipped]},
     )
     save_bundle(scripted, card, out_dir, force=force,
                 extra_files={"split.json": (work / "split.json").read_bytes(),

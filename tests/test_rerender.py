@@ -186,7 +186,9 @@ def test_extra_renders_only_add_training_pieces(tmp_path, dataset, mel):  # noqa
     assert json.loads((tmp_path / "b" / "split.json").read_text()) == split
     from models.bundle import load_bundle
 
-    assert "other renderings of the training pieces" in load_bundle(tmp_path / "b").card.training_data
+    card = load_bundle(tmp_path / "b").card
+    assert "other renderings of the training pieces" in card.training_data
+    assert card.extra["config"]["extra_train"] == "extra"  # the folder, not this machine's path
 
     from models.generator import GenConfig, train_generator
 
@@ -196,7 +198,8 @@ def test_extra_renders_only_add_training_pieces(tmp_path, dataset, mel):  # noqa
     g0 = train_generator(dataset, tmp_path / "g0", config=tiny, **kw)
     g1 = train_generator(dataset, tmp_path / "g1", config=dataclasses.replace(tiny, extra_train=str(extra)), **kw)
     assert g1["extra_train_files"] == len(split["train"]) and g1["train_windows"] == 2 * g0["train_windows"]
-    assert "other renderings" in load_bundle(tmp_path / "g1").card.training_data
+    card = load_bundle(tmp_path / "g1").card
+    assert "other renderings" in card.training_data and card.extra["config"]["extra_train"] == "extra"
 
     with open(extra / "manifest.csv", "a", newline="") as fh:  # a piece the corpus does not have
         fh.write("alpha/alpha_0.gm40.wav,no_such_piece\n")
