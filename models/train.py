@@ -110,8 +110,33 @@ def macro_f1(y_true, y_pred, n):
     return float(np.mean(f1s))
 
 
+def accuracy_ci95(piece_correct, window_hits, window_counts, *, seed: int = 0) -> dict:
+    """95 % confidence intervals of piece and window accuracy, with the piece as the sampling unit.
+
+    Piece accuracy: Wilson score interval of ``sum(piece_correct)`` of ``len(piece_correct)``.
+    Window accuracy: percentile bootstrap over pieces (each resample draws whole pieces with all
+    their windows: windows of one piece are not independent), 2000 resamples, seeded.
+    Returns ``{"piece_accuracy": [lo, hi], "window_accuracy": [lo, hi]}``.
+    """
+    from scipy import stats
+
+    k, n = int(np.sum(piece_correct)), len(piece_correct)
+    if n == 0:
+        return {"piece_accuracy": [0.0, 0.0], "window_accuracy": [0.0, 0.0]}
+    ci = stats.binomtest(k, n).proportion_ci(0.95, method="wilson")
+    hits, counts = np.asarray(window_hits, float), np.asarray(window_counts, float)
+    if n > 1 and np.ptp(hits / counts) > 0:
+        b = stats.bootstrap((hits, counts), lambda h, c, axis=-1: h.sum(axis) / c.sum(axis), paired=True,
+                            vectorized=True, n_resamples=2000, method="percentile", random_state=seed)
+        w = [float(b.confidence_interval.low), float(b.confidence_interval.high)]
+    else:  # every piece at the same accuracy: resampling pieces cannot move it
+        w = [float(hits.sum() / counts.sum())] * 2
+    return {"piece_accuracy": [float(ci.low), float(ci.high)], "window_accuracy": w}
+
+
 def evaluate_windows(predict, wset: WindowSet, batch_size: int = 64) -> dict:
-    """Window/piece accuracy, cross-entropy (``log_loss``), macro F1, per-class recall, confusion matrix.
+    """Window/piece accuracy with 95 % intervals (``ci95``, :func:`accuracy_ci95`), cross-entropy
+    (``log_loss``), macro F1, per-class recall, confusion matrix.
 
     Parameters
     ----------
@@ -126,11 +151,13 @@ def evaluate_windows(predict, wset: WindowSet, batch_size: int = 64) -> dict:
     y = wset.y
     pred = probs.argmax(1)
     pieces = sorted(set(wset.piece_of))
-    p_true, p_pred = [], []
+    p_true, p_pred, p_hits, p_windows = [], [], [], []
     for pc in pieces:
         m = wset.piece_of == pc
         p_true.append(y[m][0])
         p_pred.append(probs[m].mean(0).argmax())
+        p_hits.append(int((pred[m] == y[m]).sum()))
+        p_windows.append(int(m.sum()))
     p_true, p_pred = np.array(p_true), np.array(p_pred)
     cm = np.zeros((n, n), np.int64)
     for t, p in zip(y, pred):
@@ -148,6 +175,7 @@ def evaluate_windows(predict, wset: WindowSet, batch_size: int = 64) -> dict:
         "piece_accuracy": float((p_pred == p_true).mean()) if len(p_true) else 0.0,
         "macro_f1": macro_f1(y, pred, n),
         "piece_macro_f1": macro_f1(p_true, p_pred, n),
+        "ci95": accuracy_ci95(p_pred == p_true, p_hits, p_windows),
         "per_class": per_class,
         "n_pieces": len(pieces),
         "n_windows": int(len(y)),

@@ -155,13 +155,14 @@ def cmd_evaluate(args) -> int:
         if hist.is_file():
             with atomic_output(args.plots / "training_curves.png", force=True) as tmp:
                 curves_png(tmp, json.loads(hist.read_text()))
-    keys = ("window_accuracy", "piece_accuracy", "macro_f1", "per_class", "n_pieces", "n_windows")
+    keys = ("window_accuracy", "piece_accuracy", "macro_f1", "per_class", "n_pieces", "n_windows", "ci95")
     if args.json:
         print(json.dumps({k: res[k] for k in keys} | {"scope": res["scope"]}))
     else:
         print(f"{bundle.card.name} on {res['scope']}: {res['n_pieces']} pieces, {res['n_windows']} windows")
-        print(f"  window accuracy {res['window_accuracy']:.3f}   piece accuracy {res['piece_accuracy']:.3f}   "
-              f"macro F1 {res['macro_f1']:.3f}")
+        ci = {k: f"{lo:.3f}-{hi:.3f}" for k, (lo, hi) in res["ci95"].items()}
+        print(f"  window accuracy {res['window_accuracy']:.3f} (95 % CI {ci['window_accuracy']})   piece accuracy "
+              f"{res['piece_accuracy']:.3f} (95 % CI {ci['piece_accuracy']})   macro F1 {res['macro_f1']:.3f}")
         for lab, d in res["per_class"].items():
             wr = "-" if d["window_recall"] is None else f"{d['window_recall']:.2f}"
             pr = "-" if d["piece_recall"] is None else f"{d['piece_recall']:.2f}"

@@ -66,6 +66,10 @@ def test_ensemble_is_the_mean_of_its_members_and_evaluated_on_their_split(member
     got = json.loads(ev.stdout)
     for k in ("window_accuracy", "piece_accuracy", "macro_f1", "n_pieces", "n_windows"):
         assert got[k] == pytest.approx(b.card.metrics["test"][k]) == pytest.approx(summary.get(k, got[k]))
+    for k in ("piece_accuracy", "window_accuracy"):  # with its 95 % interval
+        lo, hi = got["ci95"][k]
+        assert 0 <= lo <= got[k] <= hi <= 1
+    assert got["ci95"]["piece_accuracy"][1] > got["ci95"]["piece_accuracy"][0]  # Wilson: never a point
     assert [m["bundle"] for m in b.card.metrics["members"]] == ["m0", "m1"]
     # the engine takes it like any classifier bundle
     wav = next((data / "alpha").iterdir())

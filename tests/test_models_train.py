@@ -12,7 +12,7 @@ from conftest import REPO, run_cli
 from models.bundle import load_bundle
 from models.data import FeatureCache, WindowSet, scan_dataset, split_pieces
 from models.errors import BundleError, DataError
-from models.train import TrainConfig, train
+from models.train import TrainConfig, accuracy_ci95, train
 from realtime.mel import StreamingMel
 from synth import make_dataset
 
@@ -98,6 +98,25 @@ def test_feature_cache_uses_streaming_mel_and_skips_unreadable(tmp_path, dataset
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.npy")} == mtime
     ws = WindowSet([i for i in items if i.path in feats], feats, ["alpha", "beta", "gamma"], 32, 16)
     assert len(ws) > 0 and ws.window(0).shape == (128, 32)
+
+
+def test_accuracy_intervals():
+    # piece accuracy: the Wilson score interval, against its formula
+    k, n, z = 18, 47, 1.959963984540054
+    p = k / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    ci = accuracy_ci95([True] * k + [False] * (n - k), [1] * n, [1] * n)
+    np.testing.assert_allclose(ci["piece_accuracy"], [centre - half, centre + half], rtol=1e-9)
+    # window accuracy, resampled by piece: pieces that all agree leave no doubt ...
+    assert accuracy_ci95([True] * 10, [7] * 10, [10] * 10)["window_accuracy"] == [0.7, 0.7]
+    # ... pieces that are all right or all wrong are 10 observations, not 300 windows
+    hits, counts = [30] * 5 + [0] * 5, [30] * 10
+    lo, hi = accuracy_ci95([True] * 5 + [False] * 5, hits, counts)["window_accuracy"]
+    assert lo < 0.5 < hi and hi - lo > 0.4
+    lo2, hi2 = accuracy_ci95([True] * 5 + [False] * 5, [15] * 10, counts)["window_accuracy"]
+    assert lo2 == hi2 == 0.5
+    again = accuracy_ci95([True] * 5 + [False] * 5, hits, counts)["window_accuracy"]
+    assert again == [lo, hi]  # seeded
 
 
 def test_temporal_arch_learns_the_synthetic_styles(tmp_path, dataset, mel):
