@@ -19,12 +19,11 @@ shuffles: every piece is tested once per repeat, by a model that never saw it.
 from __future__ import annotations
 
 import csv
-import io
 from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, ParameterError
+from .errors import DataError
 
 __all__ = ["KOMA", "score_notes", "audio_notes", "melody_features", "cv_accuracy", "corpus_ceiling"]
 
@@ -47,14 +46,9 @@ def score_notes(midi: bytes, tempo_factor: float = 1.0, max_seconds: float = MAX
     DataError
         Not a readable MIDI file, or no notes.
     """
-    import mido
+    from .rerender import open_midi
 
-    if not tempo_factor > 0:
-        raise ParameterError(f"tempo factor must be > 0, got {tempo_factor}")
-    try:
-        m = mido.MidiFile(file=io.BytesIO(midi))
-    except (OSError, EOFError, ValueError, KeyError, IndexError) as e:
-        raise DataError(f"not a readable MIDI file ({e})") from None
+    m = open_midi(midi, tempo_factor)
     bend, bend_range, rpn = 0, 2.0, [None, None]
     t, start, pitch, last_end = 0.0, None, None, 0.0
     out = []

@@ -79,6 +79,21 @@ def _fluidsynth() -> str:
     return exe
 
 
+def open_midi(midi: bytes, tempo_factor: float = 1.0):
+    """``mido.MidiFile`` of ``midi`` bytes, after checking the tempo factor it is to be played at.
+
+    Raises ParameterError (a non-positive tempo factor) or DataError (not a readable MIDI file).
+    """
+    import mido
+
+    if not tempo_factor > 0:
+        raise ParameterError(f"tempo factor must be > 0, got {tempo_factor}")
+    try:
+        return mido.MidiFile(file=io.BytesIO(midi))
+    except (OSError, EOFError, ValueError, KeyError, IndexError) as e:
+        raise DataError(f"not a readable MIDI file ({e})") from None
+
+
 def voice_and_retime(midi: bytes, program: int, tempo_factor: float) -> bytes:
     """A MIDI file played by GM ``program`` at ``tempo_factor`` × its tempo.
 
@@ -97,12 +112,7 @@ def voice_and_retime(midi: bytes, program: int, tempo_factor: float) -> bytes:
 
     if not 0 <= int(program) <= 127:
         raise ParameterError(f"GM program must be 0..127, got {program}")
-    if not tempo_factor > 0:
-        raise ParameterError(f"tempo factor must be > 0, got {tempo_factor}")
-    try:
-        m = mido.MidiFile(file=io.BytesIO(midi))
-    except (OSError, EOFError, ValueError, KeyError, IndexError) as e:
-        raise DataError(f"not a readable MIDI file ({e})") from None
+    m = open_midi(midi, tempo_factor)
     for tr in m.tracks:
         channels = set()
         for msg in tr:
