@@ -59,6 +59,7 @@ class TrainConfig:
     time_budget_s: float = 0.0  # 0 = none; stop after the epoch that crosses it
     extra_train: str = ""  # a data set of other renders of the same pieces; only training pieces' files are used
     other_train: str = ""  # a data set of pieces outside the corpus (none of its piece ids); all used for training
+    aux_weight: float = 0.0  # >0: heads that also predict each training window's makam, form and usul (training only)
 
     def validate(self):
         if self.arch not in ARCH_NAMES:
@@ -68,6 +69,8 @@ class TrainConfig:
                 raise ParameterError(f"{k}: must be >= 1, got {getattr(self, k)}")
         if not 0 < self.lr < 1:
             raise ParameterError(f"lr: {self.lr} out of range (0, 1)")
+        if self.aux_weight < 0:
+            raise ParameterError(f"aux_weight: must be >= 0, got {self.aux_weight}")
         if (self.extra_train or self.other_train) and self.leaky_window_split:
             raise ParameterError("extra_train and leaky_window_split do not go together (the leaky split has no "
                                  "training pieces to add renderings of)")
@@ -283,6 +286,21 @@ def add_extra_training(extra_dir, data_dir, split, labels, feats: dict, skipped:
     return [it for it in items if it.path in extra_feats]
 
 
+FACETS = ("makam", "form", "usul")
+
+
+def piece_facets(pieces) -> tuple[np.ndarray, list[list[str]]]:
+    """Makam, form and usul of SymbTr piece ids (``makam--form--usul--title--composer``): an
+    ``(n, 3)`` index array and the values of each facet, sorted."""
+    parts = [str(p).split("--") for p in pieces]
+    bad = [p for p, f in zip(pieces, parts) if len(f) < 5]
+    if bad:
+        raise DataError(f"aux_weight needs SymbTr piece ids (makam--form--usul--title--composer), got {bad[0]!r}")
+    values = [sorted({f[k] for f in parts}) for k in range(3)]
+    idx = np.array([[values[k].index(f[k]) for k in range(3)] for f in parts], np.int64).reshape(-1, 3)
+    return idx, values
+
+
 def card_config(cfg) -> dict:
     """A training config for a model card: its extra data sets by folder name, not by this machine's path."""
     d = dataclasses.asdict(cfg)
@@ -386,6 +404,13 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
 
     n_mels = mel_config["n_mels"]
     net = build_net(cfg.arch, len(labels), n_mels, cfg.window_frames)
+    aux_y = None
+    if cfg.aux_weight > 0:
+        if distributed or not hasattr(net, "head"):
+            raise ParameterError("aux_weight: only for the compact and temporal networks, on one process")
+        aux_y, facet_values = piece_facets(wtrain.piece_of)
+        # part of the net while training (checkpoints and --resume carry them); removed before export
+        net.aux = torch.nn.ModuleList([torch.nn.Linear(net.embed_dim, len(v)) for v in facet_values])
     model = net
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(net)
@@ -444,7 +469,13 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
                     xs.append(wtrain.window(j))
             x = torch.from_numpy((np.stack(xs) - mean_n) / std_n).float().unsqueeze(1)
             y = torch.from_numpy(wtrain.y[idx])
-            loss = F.cross_entropy(model(x), y, weight=class_w, label_smoothing=cfg.label_smoothing)
+            if aux_y is None:
+                loss = F.cross_entropy(model(x), y, weight=class_w, label_smoothing=cfg.label_smoothing)
+            else:
+                emb = net.embed(x)
+                loss = F.cross_entropy(net.head(net.dropout(emb)), y, weight=class_w, label_smoothing=cfg.label_smoothing)
+                ay = torch.from_numpy(aux_y[idx])
+                loss = loss + cfg.aux_weight * sum(F.cross_entropy(h(emb), ay[:, k]) for k, h in enumerate(net.aux)) / 3
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -497,6 +528,8 @@ def train(data_dir, out_dir, *, featurizer, mel_config: dict, config: TrainConfi
         return {"rank": rank}
     if best_path.is_file():
         net.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
+    if aux_y is not None:
+        del net.aux
     net.eval()
     test = evaluate_windows(predict_logmel, wtest)
     exported = ExportedClassifier(net, labels, mean, std).eval()

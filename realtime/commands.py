@@ -41,7 +41,7 @@ def cmd_train(args) -> int:
                       max_train_windows=args.max_train_windows, time_budget_s=args.time_budget * 60.0,
                       leaky_window_split=args.leaky_window_split,
                       extra_train=str(args.extra_train) if args.extra_train else "",
-                      other_train=str(args.other_train) if args.other_train else "")
+                      other_train=str(args.other_train) if args.other_train else "", aux_weight=args.aux_weight)
     cfg.validate()
     import torch
 
@@ -205,6 +205,9 @@ def register(sub) -> None:
     s.add_argument("--init-seed", type=int, default=-1,
                    help="seed of the weights, augmentation and batch order (default: --seed); members of an "
                         "ensemble share --seed and differ here")
+    s.add_argument("--aux-weight", type=float, default=0.0,
+                   help="> 0: also learn each training window's makam, form and usul (from SymbTr piece ids) with "
+                        "this loss weight; the heads are training-only, the bundle predicts composers")
     s.add_argument("--threads", type=int, default=2, help="torch threads per process")
     s.add_argument("--max-train-windows", type=int, default=0, help="subsample training windows per epoch (0 = all)")
     s.add_argument("--time-budget", type=float, default=0.0, help="stop after the epoch that passes this many minutes")

@@ -145,6 +145,35 @@ def test_train_export_and_refusals(tmp_path, dataset, mel):
         _train(dataset, out, mel, tmp_path / "cache")
 
 
+def test_aux_heads_learn_facets_and_are_not_exported(tmp_path, dataset, mel):
+    import csv
+    import shutil
+
+    import torch
+
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match="SymbTr piece ids"):  # file stems are not makam--form--usul--...
+        _train(dataset, tmp_path / "x", mel, cache, cfg=dict(epochs=1, aux_weight=1.0))
+    data = tmp_path / "symbtr-like"
+    shutil.copytree(dataset, data)
+    with open(data / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "piece"])
+        for it in scan_dataset(dataset):  # the form follows the piece number, not the composer
+            i = int(it.piece.rsplit("_", 1)[1])
+            w.writerow([it.path, f"hicaz--form{i % 2}--usul{i % 3}--title{i}--{it.label}"])
+    base = _train(data, tmp_path / "a", mel, cache, cfg=dict(epochs=2))
+    res = _train(data, tmp_path / "b", mel, cache, cfg=dict(epochs=2, aux_weight=1.0))
+    assert res["params"] == base["params"]  # the heads are gone from the bundle ...
+    b = load_bundle(tmp_path / "b", kind="classifier")
+    assert b.card.extra["config"]["aux_weight"] == 1.0
+    assert not any("aux" in n for n, _ in b.module.named_parameters())
+    ck = torch.load(tmp_path / "b.train" / "checkpoint.pt", weights_only=True)  # ... and in the checkpoint
+    assert [ck["model"][f"aux.{k}.weight"].shape[0] for k in range(3)] == [1, 2, 3]  # makam, form, usul values
+    hist = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert hist[-1]["train_loss"] > json.loads((tmp_path / "a" / "history.json").read_text())[-1]["train_loss"]
+
+
 def test_resume_continues_where_it_stopped(tmp_path, dataset, mel):
     cache = tmp_path / "cache"
     _train(dataset, tmp_path / "full", mel, cache, cfg=dict(epochs=2))
