@@ -286,9 +286,6 @@ def add_extra_training(extra_dir, data_dir, split, labels, feats: dict, skipped:
     return [it for it in items if it.path in extra_feats]
 
 
-FACETS = ("makam", "form", "usul")
-
-
 def piece_facets(pieces) -> tuple[np.ndarray, list[list[str]]]:
     """Makam, form and usul of SymbTr piece ids (``makam--form--usul--title--composer``): an
     ``(n, 3)`` index array and the values of each facet, sorted."""
