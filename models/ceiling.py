@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, ParameterError
 
-__all__ = ["KOMA", "score_notes", "audio_notes", "melody_features", "cv_accuracy", "corpus_ceiling"]
+__all__ = ["KOMA", "score_notes", "audio_notes", "melody_features", "excerpts", "cv_accuracy", "corpus_ceiling"]
 
 KOMA = 53  # koma-53 steps per octave
 MAX_SECONDS = 90.0  # the corpus's cap (models.rerender.MAX_SECONDS)
@@ -136,24 +136,44 @@ def melody_features(notes: np.ndarray) -> np.ndarray:
     return np.concatenate([hist, ivh, durh, big, stats])
 
 
-def cv_accuracy(X: np.ndarray, y, *, folds: int = 5, repeats: int = 3, seed: int = 0, trees: int = 500) -> list[float]:
-    """Piece accuracy of a class-weighted random forest by stratified ``folds``-fold
-    cross-validation (one row per piece), once per repeat with a different shuffle."""
+def cv_accuracy(X: np.ndarray, y, *, groups=None, folds: int = 5, repeats: int = 3, seed: int = 0,
+                trees: int = 500) -> list[float]:
+    """Accuracy of a class-weighted random forest by stratified ``folds``-fold cross-validation,
+    once per repeat with a different shuffle. One row per piece, or, with ``groups`` (each row's
+    piece), several rows per piece that always land in the same fold."""
     from sklearn.ensemble import RandomForestClassifier
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     y = np.asarray(y)
-    counts = np.unique(y, return_counts=True)[1]
+    per_piece = y if groups is None else np.array([y[np.flatnonzero(np.asarray(groups) == g)[0]]
+                                                   for g in np.unique(groups)])
+    counts = np.unique(per_piece, return_counts=True)[1]
     if len(counts) < 2 or counts.min() < folds:
         raise DataError(f"{folds}-fold cross-validation needs at least {folds} pieces of each of two or more "
                         f"composers; the smallest has {counts.min()}")
     out = []
     for r in range(repeats):
         hits = 0
-        for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed + r).split(X, y):
+        cv = (StratifiedKFold if groups is None else StratifiedGroupKFold)(folds, shuffle=True, random_state=seed + r)
+        for tr, te in cv.split(X, y, groups):
             clf = RandomForestClassifier(trees, class_weight="balanced", random_state=seed, n_jobs=1)
             hits += int((clf.fit(X[tr], y[tr]).predict(X[te]) == y[te]).sum())
         out.append(hits / len(y))
+    return out
+
+
+def excerpts(notes: np.ndarray, seconds: float) -> list[np.ndarray]:
+    """Consecutive ``seconds``-long parts of a melody (a note belongs to the part it starts in).
+    Parts shorter than half of ``seconds`` (the end) or with fewer than two pitched notes are left out."""
+    notes = np.asarray(notes, float)
+    starts = np.concatenate([[0.0], np.cumsum(notes[:, 1])[:-1]])
+    part = (starts // seconds).astype(int)
+    total = notes[:, 1].sum()
+    out = []
+    for k in range(part.max() + 1):
+        p = notes[part == k]
+        if total - k * seconds >= seconds / 2 and (p[:, 0] >= 0).sum() >= 2:
+            out.append(p)
     return out
 
 
@@ -175,19 +195,24 @@ def _audio_job(args):
 
 
 def corpus_ceiling(corpus, midi_dir, *, audio: bool = False, folds: int = 5, repeats: int = 3, seed: int = 0,
-                   trees: int = 500, jobs: int = 2, progress: bool = True) -> dict:
+                   trees: int = 500, excerpt: float = 0.0, jobs: int = 2, progress: bool = True) -> dict:
     """Cross-validated piece accuracy of composer classifiers given each piece's notes.
 
     ``corpus`` is a data set with a ``manifest.csv`` naming each piece's ``source_file`` (its
     SymbTr MIDI score), ``tempo_factor``, ``seconds``, ``form``, ``usul`` and ``makam``;
     ``midi_dir`` holds the scores. With ``audio``, the same melody features are also computed from
     the corpus's audio files (``librosa.yin``), to compare a simple transcription with the score.
+    With ``excerpt`` > 0, each piece is cut into ``excerpt``-second parts (:func:`excerpts`) and
+    the accuracy is over parts (the folds still split by piece); the excerpt's length is then not
+    a feature.
 
-    Returns ``{"n_pieces", "composers", "folds", "repeats", "results": {name: {"mean", "sd",
-    "per_repeat"}}}`` with accuracies as fractions.
+    Returns ``{"n_pieces", "n_rows", "composers", "folds", "repeats", "trees", "excerpt", "results":
+    {name: {"mean", "sd", "per_repeat"}}}`` with accuracies as fractions.
     """
     from tqdm import tqdm
 
+    if excerpt < 0:
+        raise ParameterError(f"excerpt must be >= 0 seconds, got {excerpt}")
     corpus, midi_dir = Path(corpus), Path(midi_dir)
     man = corpus / "manifest.csv"
     if not man.is_file():
@@ -202,25 +227,15 @@ def corpus_ceiling(corpus, midi_dir, *, audio: bool = False, folds: int = 5, rep
     missing = [r["source_file"] for r in rows if not (midi_dir / r["source_file"]).is_file()]
     if missing:
         raise DataError(f"{midi_dir}: {len(missing)} scores of the manifest are missing, e.g. {missing[0]}")
-    y = np.array([r["composer"] for r in rows])
-    melody, bad = [], []
+    scores, bad = [], []
     for r in tqdm(rows, desc="scores", unit="piece", disable=not progress, leave=False):
         try:
-            notes = score_notes((midi_dir / r["source_file"]).read_bytes(), float(r["tempo_factor"]))
-            melody.append(melody_features(notes))
+            scores.append(score_notes((midi_dir / r["source_file"]).read_bytes(), float(r["tempo_factor"])))
         except DataError as e:
             bad.append(f"{r['source_file']}: {e}")
     if bad:
         raise DataError(f"{len(bad)} unusable scores: " + "; ".join(bad[:3]))
-    melody = np.array(melody)
-    length = np.array([[float(r["seconds"])] for r in rows])
-    meta = np.hstack([_onehot(rows, k) for k in ("form", "usul", "makam")])
-    sets = {
-        "score melody": melody,
-        "score melody + length": np.hstack([melody, length]),
-        "form + usul + makam (labels)": meta,
-        "score melody + length + form + usul + makam": np.hstack([melody, length, meta]),
-    }
+    melodies = {"score melody": scores}
     if audio:
         from concurrent.futures import ProcessPoolExecutor
 
@@ -231,13 +246,27 @@ def corpus_ceiling(corpus, midi_dir, *, audio: bool = False, folds: int = 5, rep
         bad = [f"{t[0]}: {err}" for t, (_, err) in zip(tasks, res) if err]
         if bad:
             raise DataError(f"{len(bad)} unusable audio files: " + "; ".join(bad[:3]))
-        am = np.array([melody_features(n) for n, _ in res])
-        sets["audio melody (yin)"] = am
-        sets["audio melody (yin) + length"] = np.hstack([am, length])
+        melodies["audio melody (yin)"] = [n for n, _ in res]
+    y = np.array([r["composer"] for r in rows])
+    length = np.array([[float(r["seconds"])] for r in rows])
+    meta = np.hstack([_onehot(rows, k) for k in ("form", "usul", "makam")])
+    sets = {}  # name -> (features, each row's piece)
+    for name, notes in melodies.items():
+        parts = [[n] if not excerpt else excerpts(n, excerpt) for n in notes]
+        piece = np.array([i for i, ps in enumerate(parts) for _ in ps], np.int64)
+        X = np.array([melody_features(p) for ps in parts for p in ps])
+        sets[name] = (X, piece)
+        if not excerpt:
+            sets[name + " + length"] = (np.hstack([X, length]), piece)
+        if name == "score melody":
+            sets["form + usul + makam (labels)"] = (meta[piece], piece)
+            sets["score melody" + ("" if excerpt else " + length") + " + form + usul + makam"] = (
+                np.hstack([X, meta[piece]] if excerpt else [X, length, meta]), piece)
     results = {}
-    for name, X in tqdm(sets.items(), desc="cross-validation", disable=not progress, leave=False):
-        accs = cv_accuracy(X, y, folds=folds, repeats=repeats, seed=seed, trees=trees)
+    for name, (X, piece) in tqdm(sets.items(), desc="cross-validation", disable=not progress, leave=False):
+        accs = cv_accuracy(X, y[piece], groups=piece if excerpt else None, folds=folds, repeats=repeats, seed=seed,
+                           trees=trees)
         results[name] = {"mean": float(np.mean(accs)), "sd": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
                          "per_repeat": [float(a) for a in accs]}
-    return {"n_pieces": len(rows), "composers": sorted(set(y)), "folds": folds, "repeats": repeats, "trees": trees,
-            "results": results}
+    return {"n_pieces": len(rows), "n_rows": len(sets["score melody"][1]), "composers": sorted(set(y)),
+            "folds": folds, "repeats": repeats, "trees": trees, "excerpt": excerpt, "results": results}

@@ -124,11 +124,13 @@ def cmd_ceiling(args) -> int:
         if getattr(args, name) < (2 if name == "folds" else 1):
             raise ParameterError(f"--{name} must be at least {2 if name == 'folds' else 1}, got {getattr(args, name)}")
     res = corpus_ceiling(args.corpus, args.midi, audio=args.audio, folds=args.folds, repeats=args.repeats,
-                         seed=args.seed, trees=args.trees, jobs=args.jobs, progress=not args.json)
+                         seed=args.seed, trees=args.trees, excerpt=args.excerpt, jobs=args.jobs,
+                         progress=not args.json)
     if args.json:
         print(json.dumps(res))
         return 0
-    print(f"{res['n_pieces']} pieces, {len(res['composers'])} composers; piece accuracy of a random forest, "
+    what = f"accuracy over {res['n_rows']} excerpts of {args.excerpt:g} s" if args.excerpt else "piece accuracy"
+    print(f"{res['n_pieces']} pieces, {len(res['composers'])} composers; {what} of a random forest, "
           f"{res['folds']}-fold piece-level cross-validation x {res['repeats']} shuffles "
           f"(chance {100 / len(res['composers']):.1f} %):")
     width = max(map(len, res["results"]))
@@ -246,6 +248,8 @@ def register(sub) -> None:
     s.add_argument("--repeats", type=int, default=3, help="cross-validations with different shuffles")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--trees", type=int, default=500, help="trees in each random forest")
+    s.add_argument("--excerpt", type=float, default=0.0, metavar="SECONDS",
+                   help="classify SECONDS-long parts of each piece instead of whole pieces (folds still by piece)")
     s.add_argument("--jobs", type=int, default=2, help="processes for --audio")
     s.add_argument("--json", action="store_true", help="print a JSON summary; no progress bars")
     s.set_defaults(func=cmd_ceiling)

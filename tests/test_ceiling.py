@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from conftest import REPO, run_cli
-from models.ceiling import KOMA, YIN_FRAME, YIN_HOP, audio_notes, cv_accuracy, melody_features, score_notes
+from models.ceiling import KOMA, YIN_FRAME, YIN_HOP, audio_notes, cv_accuracy, excerpts, melody_features, score_notes
 from models.errors import DataError
 
 DATA = REPO / "tests" / "data"
@@ -121,6 +121,23 @@ def test_cv_accuracy_separates_and_refuses_too_few():
         cv_accuracy(X[:12], y[:12])
 
 
+def test_excerpts_and_piece_grouped_folds():
+    notes = np.column_stack([np.arange(300, 310), np.ones(10)]).astype(float)
+    notes[4, 0] = -1
+    parts = excerpts(notes, 3.0)  # [0, 3), [3, 6), [6, 9); [9, 10) is under half an excerpt
+    assert [p[:, 0].tolist() for p in parts] == [[300, 301, 302], [303, -1, 305], [306, 307, 308]]
+    # 20 pieces of 5 identical rows, labels drawn per piece: rows of a piece that leak into the
+    # training folds give the answer away; folds grouped by piece leave only chance
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(20), 5)
+    y = np.repeat(rng.permutation(np.repeat(["a", "b"], 10)), 5)
+    X = np.repeat(rng.normal(size=(20, 4)), 5, axis=0)
+    assert min(cv_accuracy(X, y, folds=5, repeats=2, trees=50)) == 1.0
+    assert np.mean(cv_accuracy(X, y, groups=groups, folds=5, repeats=3, trees=50)) < 0.75
+    with pytest.raises(DataError, match="at least 5 pieces"):  # pieces are counted, not rows
+        cv_accuracy(X[:40], y[:40], groups=groups[:40], folds=5)
+
+
 def _mini_corpus(root, n_pieces=6):
     """Two 'composers' with 6 pieces each: 'steps' moves by small intervals in short notes, 'leaps'
     by large ones in long notes; a MIDI score and a sine rendering of each, and a manifest."""
@@ -158,6 +175,11 @@ def test_ceiling_cli(tmp_path):
     assert got["form + usul + makam (labels)"] <= 0.75  # the forms alternate within each composer
     r = run_cli("ceiling", tmp_path, "--midi", midi, "--folds", 3, "--repeats", 1, "--trees", 50)
     assert r.returncode == 0 and "score melody + length" in r.stdout and "chance 50.0 %" in r.stdout
+    r = run_cli("ceiling", tmp_path, "--midi", midi, "--folds", 3, "--repeats", 1, "--trees", 50, "--excerpt", 2, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["excerpt"] == 2 and res["n_rows"] > 2 * res["n_pieces"]
+    assert "score melody + length" not in res["results"] and res["results"]["score melody"]["mean"] >= 0.9
 
 
 def test_ceiling_cli_bad_input(tmp_path):
@@ -171,5 +193,7 @@ def test_ceiling_cli_bad_input(tmp_path):
     assert r.returncode != 0 and "scores of the manifest are missing" in r.stderr
     r = run_cli("ceiling", tmp_path, "--midi", midi, "--folds", 1)
     assert r.returncode != 0 and "--folds must be at least 2" in r.stderr
+    r = run_cli("ceiling", tmp_path, "--midi", midi, "--excerpt", -1)
+    assert r.returncode != 0 and "excerpt must be >= 0" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("ceiling", tmp_path, "--midi", midi, "--trees", 0)
     assert r.returncode != 0 and "--trees must be at least 1" in r.stderr
