@@ -187,7 +187,7 @@ def _audio_job(args):
 
     path, max_seconds = args
     try:
-        y, sr = sf.read(path, dtype="float32", always_2d=True, frames=-1)
+        y, sr = sf.read(path, dtype="float32", always_2d=True)
         y = y.mean(axis=1)[: int(max_seconds * sr)]
         return audio_notes(y, sr), None
     except (OSError, RuntimeError, DataError) as e:
@@ -254,6 +254,8 @@ def corpus_ceiling(corpus, midi_dir, *, audio: bool = False, folds: int = 5, rep
     for name, notes in melodies.items():
         parts = [[n] if not excerpt else excerpts(n, excerpt) for n in notes]
         piece = np.array([i for i, ps in enumerate(parts) for _ in ps], np.int64)
+        if len(piece) == 0:
+            raise DataError(f"no piece has a {excerpt:g}-s part with two notes or more ({name})")
         X = np.array([melody_features(p) for ps in parts for p in ps])
         sets[name] = (X, piece)
         if not excerpt:

@@ -188,6 +188,8 @@ def test_ceiling_cli_bad_input(tmp_path):
     assert r.returncode != 0 and "not a folder of MIDI scores" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("ceiling", tmp_path, "--midi", midi)  # 3 pieces per composer, 5 folds
     assert r.returncode != 0 and "at least 5 pieces" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("ceiling", tmp_path, "--midi", midi, "--folds", 3, "--excerpt", 1000)
+    assert r.returncode != 0 and "no piece has a 1000-s part" in r.stderr and "Traceback" not in r.stderr
     next(midi.iterdir()).unlink()
     r = run_cli("ceiling", tmp_path, "--midi", midi, "--folds", 3)
     assert r.returncode != 0 and "scores of the manifest are missing" in r.stderr
