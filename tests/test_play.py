@@ -7,7 +7,7 @@ same clock as the captured audio.
 import numpy as np
 import pytest
 import torch
-from conftest import repeat_on_graph_xrun, run_cli, steal_too_high, tarab_on_time
+from conftest import JACK_PERIOD, repeat_on_graph_xrun, run_cli, steal_too_high, tarab_on_time
 
 from realtime import AudioEngine
 from realtime.classify import load_classifier
@@ -181,7 +181,14 @@ def test_midi_flood_malformed_and_last_value_wins(jack_server, tiny_models):
         assert stats.callback_cpu_p99_ms < 0.5 * stats.block_period_ms, stats
     assert sent + dropped == len(events)
     n_sysex = sum(1 for _, m in events if m[0] == 0xF0)
-    assert dropped == 0 and midi.received == sent - n_sysex  # every message arrived (sysex is ignored by rtmidi)
+    # every message arrived (sysex is ignored by rtmidi). JACK2 runs asynchronously by default: in a
+    # cycle whose graph did not finish, a reader gets the previous cycle's buffer again, so during
+    # graph xruns a period's events can arrive twice (seen once: 5 extra with 10 graph xruns, steal 6.3 %).
+    # Without graph xruns the count is exact; with them the excess is at most one period's events per xrun.
+    expected = sent - n_sysex
+    assert dropped == 0 and midi.received >= expected, (midi.received, expected)
+    per_period = np.bincount(np.array([t for t, _ in events]) // JACK_PERIOD).max()
+    assert midi.received - expected <= stats.xruns * per_period, (midi.received, expected, stats.xruns)
     assert midi.malformed > 0
     m = inst.map
     assert inst.last_cc[1] == 77 and inst.mix == pytest.approx(77 / 127)
