@@ -18,17 +18,16 @@ shuffles: every piece is tested once per repeat, by a model that never saw it.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError, ParameterError
+from .errors import DataError, check_range
+from .rerender import MAX_SECONDS, open_midi, read_manifest
 
 __all__ = ["KOMA", "score_notes", "audio_notes", "melody_features", "excerpts", "cv_accuracy", "corpus_ceiling"]
 
 KOMA = 53  # koma-53 steps per octave
-MAX_SECONDS = 90.0  # the corpus's cap (models.rerender.MAX_SECONDS)
 REST_SECONDS = 0.1  # a gap between notes at least this long is a rest
 YIN_HOP = 256
 YIN_FRAME = 1024  # 46 ms: a note is measured up to this much longer than it sounds
@@ -46,8 +45,6 @@ def score_notes(midi: bytes, tempo_factor: float = 1.0, max_seconds: float = MAX
     DataError
         Not a readable MIDI file, or no notes.
     """
-    from .rerender import open_midi
-
     m = open_midi(midi, tempo_factor)
     bend, bend_range, rpn = 0, 2.0, [None, None]
     t, start, pitch, last_end = 0.0, None, None, 0.0
@@ -145,8 +142,7 @@ def cv_accuracy(X: np.ndarray, y, *, groups=None, folds: int = 5, repeats: int =
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     y = np.asarray(y)
-    per_piece = y if groups is None else np.array([y[np.flatnonzero(np.asarray(groups) == g)[0]]
-                                                   for g in np.unique(groups)])
+    per_piece = y if groups is None else y[np.unique(groups, return_index=True)[1]]
     counts = np.unique(per_piece, return_counts=True)[1]
     if len(counts) < 2 or counts.min() < folds:
         raise DataError(f"{folds}-fold cross-validation needs at least {folds} pieces of each of two or more "
@@ -211,17 +207,13 @@ def corpus_ceiling(corpus, midi_dir, *, audio: bool = False, folds: int = 5, rep
     """
     from tqdm import tqdm
 
-    if excerpt < 0:
-        raise ParameterError(f"excerpt must be >= 0 seconds, got {excerpt}")
+    check_range("folds", folds, 2, kind=int)
+    for name, value in (("repeats", repeats), ("trees", trees), ("jobs", jobs)):
+        check_range(name, value, 1, kind=int)
+    check_range("excerpt", excerpt, 0.0)
     corpus, midi_dir = Path(corpus), Path(midi_dir)
-    man = corpus / "manifest.csv"
-    if not man.is_file():
-        raise DataError(f"{corpus}: no manifest.csv")
-    with open(man, newline="") as f:
-        rows = list(csv.DictReader(f))
-    need = {"path", "composer", "source_file", "tempo_factor", "seconds", "form", "usul", "makam"}
-    if not rows or not need <= set(rows[0]):
-        raise DataError(f"{man}: needs the columns {', '.join(sorted(need))}")
+    rows = read_manifest(corpus, need={"path", "composer", "source_file", "tempo_factor", "seconds", "form", "usul",
+                                       "makam"})
     if not midi_dir.is_dir():
         raise DataError(f"{midi_dir}: not a folder of MIDI scores")
     missing = [r["source_file"] for r in rows if not (midi_dir / r["source_file"]).is_file()]

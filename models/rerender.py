@@ -179,14 +179,17 @@ def render_midi(midi: bytes, *, soundfont, sr: int = SR) -> np.ndarray:
     return y.mean(axis=1)
 
 
-def _read_manifest(corpus: Path) -> list[dict]:
-    man = corpus / "manifest.csv"
+MANIFEST_NEEDS = frozenset({"path", "composer", "piece", "gm_program", "tempo_factor", "source_file"})
+
+
+def read_manifest(corpus: Path, need=MANIFEST_NEEDS) -> list[dict]:
+    """The rows of ``corpus/manifest.csv``; DataError if it is missing or lacks a column of ``need``."""
+    man = Path(corpus) / "manifest.csv"
     if not man.is_file():
         raise DataError(f"{corpus}: no manifest.csv (it names each file's piece, program, tempo and MIDI source)")
     with open(man, newline="") as f:
         rows = list(csv.DictReader(f))
-    need = {"path", "composer", "piece", "gm_program", "tempo_factor", "source_file"}
-    if not rows or not need <= set(rows[0]):
+    if not rows or not set(need) <= set(rows[0]):
         raise DataError(f"{man}: needs the columns {', '.join(sorted(need))}")
     return rows
 
@@ -277,7 +280,7 @@ def rerender_corpus(corpus_dir, midi_dir, out_dir, *, programs=GM_PROGRAMS, piec
     if other_pieces and pieces is not None:
         raise ParameterError("other_pieces renders pieces outside the corpus; it takes no list of corpus pieces")
     corpus, midi_dir, out = Path(corpus_dir), Path(midi_dir), Path(out_dir)
-    rows = _read_manifest(corpus)
+    rows = read_manifest(corpus)
     if not midi_dir.is_dir():
         raise DataError(f"{midi_dir}: not a directory (the SymbTr midi/ folder)")
     sf2 = find_soundfont(soundfont)

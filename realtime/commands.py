@@ -120,9 +120,6 @@ def cmd_rerender(args) -> int:
 def cmd_ceiling(args) -> int:
     from models.ceiling import corpus_ceiling
 
-    for name in ("folds", "repeats", "jobs", "trees"):
-        if getattr(args, name) < (2 if name == "folds" else 1):
-            raise ParameterError(f"--{name} must be at least {2 if name == 'folds' else 1}, got {getattr(args, name)}")
     res = corpus_ceiling(args.corpus, args.midi, audio=args.audio, folds=args.folds, repeats=args.repeats,
                          seed=args.seed, trees=args.trees, excerpt=args.excerpt, jobs=args.jobs,
                          progress=not args.json)

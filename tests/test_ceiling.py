@@ -194,8 +194,8 @@ def test_ceiling_cli_bad_input(tmp_path):
     r = run_cli("ceiling", tmp_path, "--midi", midi, "--folds", 3)
     assert r.returncode != 0 and "scores of the manifest are missing" in r.stderr
     r = run_cli("ceiling", tmp_path, "--midi", midi, "--folds", 1)
-    assert r.returncode != 0 and "--folds must be at least 2" in r.stderr
+    assert r.returncode != 0 and "folds: value 1 is out of range [2, inf]" in r.stderr
     r = run_cli("ceiling", tmp_path, "--midi", midi, "--excerpt", -1)
-    assert r.returncode != 0 and "excerpt must be >= 0" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "excerpt: value -1.0 is out of range [0.0, inf]" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("ceiling", tmp_path, "--midi", midi, "--trees", 0)
-    assert r.returncode != 0 and "--trees must be at least 1" in r.stderr
+    assert r.returncode != 0 and "trees: value 0 is out of range [1, inf]" in r.stderr
