@@ -20,6 +20,12 @@ Design (sized for 2 CPU cores):
   that stays N(0, I), mapped to ``z = μ_c + T L_c u``) window by window with 50 % overlap and
   crossfades the windows (see ``realtime.generate``).
 
+- Adversarial stage (:func:`adversarial_finetune`, optional): the VAE's decoder, given latents
+  drawn from the composers' Gaussians, makes smooth, average windows; a small conditional critic
+  of our own (spectrally normalised convolutions with a composer projection) is trained to tell
+  them from real training windows, and the decoder to fool it, while the reconstruction loss keeps
+  it a decoder of the (frozen) encoder's latents, so the latent Gaussians stay valid.
+
 The generator is trained on the classifier's piece-level split (same seed), never against the
 classifier, so the classifier stays an independent judge of style.
 """
@@ -44,7 +50,8 @@ from .errors import BundleError, DataError, ParameterError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StyleVAE", "ExportedGenerator", "GenConfig", "train_generator", "slerp", "fit_latent_prior"]
+__all__ = ["StyleVAE", "ExportedGenerator", "GenConfig", "train_generator", "slerp", "fit_latent_prior", "Critic",
+           "adversarial_finetune", "unfreeze_generator", "finetune_generator"]
 
 PRIOR_SHRINK = 0.1  # weight of the diagonal in each composer's latent covariance (fit_latent_prior)
 
@@ -208,6 +215,188 @@ def fit_latent_prior(encode, ws: WindowSet, n_classes: int, *, shrink: float = P
     return torch.stack(means).float(), torch.stack(chols).float()
 
 
+class Critic(nn.Module):
+    """Conditional critic of normalised log-mel windows: real (training) or decoded?
+
+    Spectrally normalised 1-D convolutions over time (bands as channels), strided ×2 three times,
+    a score per remaining time step plus a projection on a learned composer embedding
+    (Miyato & Koyama's projection discriminator). ``forward(x, y)`` → (scores (B, T/8), features).
+    """
+
+    def __init__(self, n_mels: int, n_composers: int, ch: int = 256):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        self.convs = nn.ModuleList([sn(nn.Conv1d(n_mels, ch, 5, 1, 2)), sn(nn.Conv1d(ch, ch, 4, 2, 1)),
+                                    sn(nn.Conv1d(ch, ch, 4, 2, 1)), sn(nn.Conv1d(ch, ch, 4, 2, 1))])
+        self.out = sn(nn.Conv1d(ch, 1, 3, 1, 1))
+        self.emb = sn(nn.Embedding(n_composers, ch))
+
+    def forward(self, x, y):
+        feats = []
+        h = x
+        for conv in self.convs:
+            h = nn.functional.leaky_relu(conv(h), 0.2)
+            feats.append(h)
+        return self.out(h).squeeze(1) + (self.emb(y)[:, :, None] * h).sum(1), feats
+
+
+def _feature_matching(fake_feats, real_feats):
+    """Mean over layers of |mean - mean'| + |std - std'| of each channel (over batch and time)."""
+    tot = 0.0
+    for a, b in zip(fake_feats, real_feats):
+        tot = tot + (a.mean((0, 2)) - b.mean((0, 2))).abs().mean() + (a.std((0, 2)) - b.std((0, 2))).abs().mean()
+    return tot / len(fake_feats)
+
+
+def adversarial_finetune(vae: StyleVAE, ws: WindowSet, mean: np.ndarray, std: np.ndarray, prior_mean: torch.Tensor,
+                         prior_chol: torch.Tensor, *, steps: int, adv_weight: float = 0.1, fm_weight: float = 0.5,
+                         recon_weight: float = 2.0, batch_size: int = 64, seed: int = 0, progress: bool = True,
+                         log_every: int = 250) -> list:
+    """Sharpen the decoder for the latents it is sampled from (the composers' Gaussians).
+
+    Per batch, with the encoder frozen: the critic sees real training windows (with their
+    composers) and windows decoded from ``z = prior_mean[c] + prior_chol[c] ε`` (random composers
+    ``c``, balanced) and takes a hinge-loss step; the decoder then minimises
+    ``recon_weight · MSE(reconstruction) − adv_weight · critic(fake) + fm_weight · feature matching``.
+    Composers are balanced in both real and fake batches. Returns a history record per
+    ``log_every`` batches.
+
+    Parameters
+    ----------
+    vae : StyleVAE
+        Trained; changed in place (decoder and composer embeddings only).
+    ws : WindowSet
+        Training windows (log-mel dB).
+    mean, std : np.ndarray [shape=(n_mels,)]
+        The bundle's band normalisation.
+    prior_mean, prior_chol : torch.Tensor
+        The composers' latent Gaussians (:func:`fit_latent_prior`).
+    """
+    from tqdm import tqdm
+
+    if steps <= 0:
+        raise ParameterError(f"steps must be > 0, got {steps}")
+    n_comp = prior_mean.shape[0]
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 7])
+    critic = Critic(vae.n_mels, n_comp)
+    for p in list(vae.enc.parameters()) + list(vae.to_stats.parameters()):
+        p.requires_grad_(False)
+    gparams = [p for p in vae.parameters() if p.requires_grad]
+    opt_g = torch.optim.Adam(gparams, 1e-4, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(critic.parameters(), 2e-4, betas=(0.5, 0.9))
+    counts = np.bincount(ws.y, minlength=n_comp).astype(np.float64)
+    p_win = np.where(counts[ws.y] > 0, 1.0 / np.maximum(counts[ws.y], 1), 0.0)
+    p_win /= p_win.sum()
+    mean_n, std_n = np.asarray(mean)[None, :, None], np.asarray(std)[None, :, None]
+    present = np.flatnonzero(counts > 0)
+    history, acc, t0 = [], np.zeros(4), time.time()
+    vae.train()
+    bar = tqdm(range(steps), desc="adversarial", unit="batch", disable=not progress, leave=False)
+    for step in bar:
+        idx = rng.choice(len(ws), batch_size, p=p_win)
+        x = torch.from_numpy(((np.stack([ws.window(int(j)) for j in idx]) - mean_n) / std_n).astype(np.float32))
+        y = torch.from_numpy(ws.y[idx])
+        yf = torch.from_numpy(rng.choice(present, batch_size))
+        zf = prior_mean[yf] + (prior_chol[yf] @ torch.randn(batch_size, vae.latent, 1)).squeeze(-1)
+        with torch.no_grad():
+            mu, logvar = vae.encode(x)
+        fake = vae.decode(zf, vae.emb(yf))
+        d_real, _ = critic(x, y)
+        d_fake, _ = critic(fake.detach(), yf)
+        loss_d = nn.functional.relu(1 - d_real).mean() + nn.functional.relu(1 + d_fake).mean()
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+        xh = vae.decode(mu + torch.randn_like(mu) * torch.exp(0.5 * logvar), vae.emb(y))
+        mse = ((xh - x) ** 2).mean()
+        d_fake, f_fake = critic(fake, yf)
+        with torch.no_grad():
+            _, f_real = critic(x, y)
+        fm = _feature_matching(f_fake, f_real)
+        loss_g = recon_weight * mse - adv_weight * d_fake.mean() + fm_weight * fm
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        torch.nn.utils.clip_grad_norm_(gparams, 5.0)
+        opt_g.step()
+        acc += [float(loss_d.detach()), float(mse.detach()), float(d_fake.detach().mean()), float(fm.detach())]
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            n = (step % log_every) + 1
+            rec = {"step": step + 1, "critic_loss": acc[0] / n, "recon_mse": acc[1] / n, "critic_fake": acc[2] / n,
+                   "feature_matching": acc[3] / n, "seconds": round(time.time() - t0, 1)}
+            history.append(rec)
+            log.info("adversarial step %d: critic %.3f, recon mse %.3f, fm %.3f", step + 1, rec["critic_loss"],
+                     rec["recon_mse"], rec["feature_matching"])
+            acc[:] = 0
+    for p in vae.parameters():
+        p.requires_grad_(True)
+    vae.eval()
+    return history
+
+
+def unfreeze_generator(module, *, frames: int, latent: int, cond: int, channels: int):
+    """The eager :class:`StyleVAE`, band normalisation and latent priors of a frozen generator bundle.
+
+    ``torch.jit.freeze`` keeps the weights only as the graph's constants; they are read back in
+    the order the methods use them, and the rebuilt model must give the bundle's outputs (to 1e-3
+    dB), or a :class:`BundleError` says that this bundle cannot be fine-tuned.
+
+    Returns ``(vae, mean, std, prior_mean, prior_chol)``.
+    """
+    try:
+        _, ke = module.encode.code_with_constants
+        _, kf = module.forward.code_with_constants
+        _, kp = module.prior.code_with_constants
+        mean, std = ke["c0"].reshape(-1), ke["c1"].reshape(-1)
+        emb = module.embeddings().detach().clone()
+        vae = StyleVAE(mean.numel(), frames, latent, emb.shape[0], cond, channels)
+        sd = vae.state_dict()
+        for name, (w, b) in {"enc.0": (2, 3), "enc.2": (4, 5), "enc.4": (6, 7), "enc.6": (8, 9),
+                             "to_stats": (10, 11)}.items():
+            sd[name + ".weight"], sd[name + ".bias"] = ke[f"c{w}"], ke[f"c{b}"]
+        sd["from_z.weight"], sd["from_z.bias"] = kf["c0"], kf["c1"]
+        for i in range(len(vae.blocks)):
+            o = 2 + 6 * i
+            for k, part in enumerate(("film", "c1", "c2")):
+                sd[f"blocks.{i}.{part}.weight"] = kf[f"c{o + 2 * k}"]
+                sd[f"blocks.{i}.{part}.bias"] = kf[f"c{o + 2 * k + 1}"]
+        last = 2 + 6 * len(vae.blocks)  # the output layer, with `* std + mean` folded in by freeze
+        sd["out.weight"] = kf[f"c{last}"] / std[:, None, None]
+        sd["out.bias"] = (kf[f"c{last + 1}"] - mean) / std
+        sd["emb.weight"] = emb
+        vae.load_state_dict(sd)
+    except (KeyError, RuntimeError, AttributeError) as e:
+        raise BundleError(f"cannot read this generator's weights back for fine-tuning ({e})") from None
+    vae.eval()
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, latent, generator=g)
+    e = emb[torch.arange(4) % emb.shape[0]]
+    x = torch.randn(4, mean.numel(), frames, generator=g) * 10 - 40
+    with torch.no_grad():
+        d_dec = float((vae.decode(z, e) * std[None, :, None] + mean[None, :, None] - module(z, e)).abs().max())
+        d_enc = float((vae.encode((x - mean[None, :, None]) / std[None, :, None])[0] - module.encode(x)).abs().max())
+    if not (d_dec < 1e-3 and d_enc < 1e-3):
+        raise BundleError(f"cannot read this generator's weights back for fine-tuning (outputs differ by "
+                          f"{d_dec:.2g} dB / {d_enc:.2g})")
+    pm, pc = kp["c0"].clone(), kp["c1"].clone()
+    return vae, mean, std, pm, pc
+
+
+def _export(vae, labels, mean, std, prior, latent: int):
+    """Script, check and freeze the generator (the bundle's model)."""
+    exported = ExportedGenerator(vae, labels, mean, std).eval()
+    exported.set_prior(*prior)
+    with quiet_jit():
+        scripted = torch.jit.script(exported)
+    z = torch.randn(3, latent)
+    e = exported.embeddings()[torch.arange(3) % len(labels)].detach()
+    with torch.no_grad():
+        if not torch.allclose(exported(z, e), scripted(z, e), atol=1e-4):
+            raise BundleError("export check failed: the TorchScript model's outputs differ from the eager model's")
+    with quiet_jit():
+        return torch.jit.freeze(scripted, preserved_attrs=["encode", "embeddings", "prior", "get_labels"])
+
+
 @dataclass
 class GenConfig:
     frames: int = 64  # ≈ 1.49 s at hop 512 / 22050 Hz
@@ -229,17 +418,39 @@ class GenConfig:
     threads: int = 0  # 0 = torch default
     extra_train: str = ""  # other renderings of the same pieces; only training pieces' files are used
     other_train: str = ""  # pieces outside the corpus (none of its piece ids); all used for training
+    adv_steps: int = 0  # adversarial stage after the VAE (batches; 0 = none)
+    adv_weight: float = 0.1  # weight of the critic's verdict on decoded prior samples
+    fm_weight: float = 0.5  # weight of feature matching (critic features of fakes vs real windows)
 
     def validate(self):
         for k in ("frames", "hop_frames", "latent", "cond", "channels", "epochs", "batch_size"):
             if getattr(self, k) <= 0:
                 raise ParameterError(f"{k} must be > 0, got {getattr(self, k)}")
+        for k in ("adv_steps", "adv_weight", "fm_weight"):
+            if getattr(self, k) < 0:
+                raise ParameterError(f"{k} must be >= 0, got {getattr(self, k)}")
         if self.frames % 8:
             raise ParameterError(f"frames must be a multiple of 8, got {self.frames}")
 
 
 def _kl(mu, logvar):
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+
+
+def _recon_stats(vae, ws: WindowSet, mean_n: np.ndarray, std_n: np.ndarray) -> dict:
+    """Mean normalised reconstruction MSE (decoding the latent means) and KL over a window set."""
+    vae.eval()
+    se = kl = n = 0.0
+    with torch.no_grad():
+        for a in range(0, len(ws), 128):
+            idx = np.arange(a, min(a + 128, len(ws)))
+            x = torch.from_numpy(((np.stack([ws.window(int(j)) for j in idx]) - mean_n) / std_n).astype(np.float32))
+            mu, logvar = vae.encode(x)
+            xh = vae.decode(mu, vae.emb(torch.from_numpy(ws.y[idx])))
+            se += float(((xh - x) ** 2).mean(dim=(1, 2)).sum())
+            kl += float(_kl(mu, logvar).sum())
+            n += len(idx)
+    return {"mse": se / n, "kl": kl / n}
 
 
 def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: GenConfig | None = None,
@@ -299,18 +510,7 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
         return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(ws.y[idx])
 
     def evaluate(ws) -> dict:
-        vae.eval()
-        se = kl = n = 0.0
-        with torch.no_grad():
-            for a in range(0, len(ws), 128):
-                idx = np.arange(a, min(a + 128, len(ws)))
-                x, y = batch(ws, idx)
-                mu, logvar = vae.encode(x)
-                xh = vae.decode(mu, vae.emb(y))
-                se += float(((xh - x) ** 2).mean(dim=(1, 2)).sum())
-                kl += float(_kl(mu, logvar).sum())
-                n += len(idx)
-        return {"mse": se / n, "kl": kl / n}
+        return _recon_stats(vae, ws, mean_n, std_n)
 
     state = {"epoch": 0, "best": float("inf"), "best_epoch": -1, "bad": 0, "history": [], "train_seconds": 0.0}
     ckpt_path, best_path = work / "checkpoint.pt", work / "best.pt"
@@ -370,18 +570,16 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
     if best_path.is_file():
         vae.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True))
     vae.eval()
-    test = evaluate(wtest)
-    exported = ExportedGenerator(vae, labels, mean, std).eval()
-    exported.set_prior(*fit_latent_prior(exported.encode, wtrain, len(labels), seed=cfg.seed))
-    with quiet_jit():
-        scripted = torch.jit.script(exported)
-    z = torch.randn(3, cfg.latent)
-    e = exported.embeddings()[:3].detach()
-    with torch.no_grad():
-        if not torch.allclose(exported(z, e), scripted(z, e), atol=1e-4):
-            raise BundleError("export check failed: the TorchScript model's outputs differ from the eager model's")
-    with quiet_jit():
-        scripted = torch.jit.freeze(scripted, preserved_attrs=["encode", "embeddings", "prior", "get_labels"])
+    test = test_vae = evaluate(wtest)
+    prior = fit_latent_prior(ExportedGenerator(vae, labels, mean, std).eval().encode, wtrain, len(labels), seed=cfg.seed)
+    adv_history = []
+    if cfg.adv_steps:
+        adv_history = adversarial_finetune(vae, wtrain, mean.numpy(), std.numpy(), *prior, steps=cfg.adv_steps,
+                                           adv_weight=cfg.adv_weight, fm_weight=cfg.fm_weight,
+                                           recon_weight=cfg.recon_weight, batch_size=cfg.batch_size, seed=cfg.seed,
+                                           progress=progress)
+        test = evaluate(wtest)
+    scripted = _export(vae, labels, mean, std, prior, cfg.latent)
     n_params = sum(p.numel() for p in vae.parameters())
     card = Card(
         kind="generator", name=f"{Path(data_dir).name}-stylevae", labels=labels,
@@ -395,7 +593,8 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
         licence=SYMBTR_LICENCE,
         metrics={"test": {"mse_normalised": test["mse"], "kl": test["kl"]}, "params": n_params,
                  "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
-                 "train_seconds": round(state["train_seconds"], 1)},
+                 "train_seconds": round(state["train_seconds"], 1),
+                 **_adversarial_metrics(adv_history, test_vae)},
         extra={"arch": "stylevae", "latent": cfg.latent, "cond": cfg.cond, "config": card_config(cfg),
                "latent_prior": "per composer: Gaussian of its training windows' latent means (covariance "
                                f"shrunk {PRIOR_SHRINK * 100:g} % toward its diagonal)",
@@ -403,8 +602,79 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
     )
     save_bundle(scripted, card, out_dir, force=force,
                 extra_files={"split.json": (work / "split.json").read_bytes(),
-                             "history.json": (work / "history.json").read_bytes()})
+                             "history.json": (work / "history.json").read_bytes(),
+                             **_adversarial_files(adv_history)})
     return {"bundle": str(out_dir), "test": test, "params": n_params, "train_seconds": state["train_seconds"],
             "epochs_run": state["epoch"], "best_epoch": state["best_epoch"], "classes": describe(items),
             "total_seconds": time.time() - t0, "train_windows": len(wtrain), "extra_train_files": len(extra_items),
             "other_train_files": len(other_items)}
+
+
+def _adversarial_metrics(history: list, test_before: dict) -> dict:
+    if not history:
+        return {}
+    return {"adversarial": {"steps": history[-1]["step"], "seconds": history[-1]["seconds"],
+                            "test_before": {"mse_normalised": test_before["mse"], "kl": test_before["kl"]}}}
+
+
+def _adversarial_files(history: list) -> dict:
+    return {"adversarial_history.json": (json.dumps(history, indent=1) + "\n").encode()} if history else {}
+
+
+def finetune_generator(bundle_path, data_dir, out_dir, *, featurizer, mel_config: dict, steps: int,
+                       adv_weight: float = 0.1, fm_weight: float = 0.5, threads: int = 0, cache_dir=None,
+                       force: bool = False, progress: bool = True) -> dict:
+    """Run the adversarial stage (:func:`adversarial_finetune`) on a trained generator bundle.
+
+    The bundle's own piece split is rebuilt from ``data_dir`` (same seed and fractions) and must
+    match its ``split.json``; only its training pieces are used (extra renderings named in its
+    card are not). The encoder and the latent Gaussians are kept; the new bundle goes to
+    ``out_dir`` with the card's metrics updated. Returns figures and the bundle path.
+    """
+    from .bundle import load_bundle
+    from .train import SYMBTR_LICENCE, load_split_features
+
+    bundle = load_bundle(bundle_path, kind="generator")
+    card, cfg = bundle.card, dict(bundle.card.extra.get("config", {}))
+    if bundle.card.extra.get("arch") != "stylevae":
+        raise BundleError(f"{bundle.path}: not a style VAE generator")
+    for k in ("sr", "n_fft", "hop_length", "n_mels", "fmin", "fmax"):
+        if mel_config.get(k) != getattr(card, k):
+            raise ParameterError(f"the features' {k} ({mel_config.get(k)}) differs from the bundle's ({getattr(card, k)})")
+    split_file = Path(bundle.path) / "split.json"
+    if not split_file.is_file():
+        raise BundleError(f"{bundle.path}: no split.json (needed to know the training pieces)")
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.time()
+    seed = int(cfg.get("seed", 0))
+    items, labels, split, by_set, feats, _ = load_split_features(
+        data_dir, None, None, seed, float(cfg.get("val_frac", 0.2)), float(cfg.get("test_frac", 0.2)), featurizer,
+        mel_config, cache_dir, progress)
+    shipped = json.loads(split_file.read_text())
+    if labels != list(card.labels) or any(sorted(split[k]) != sorted(shipped[k]) for k in ("train", "val", "test")):
+        raise DataError(f"{data_dir}: its composers or piece split differ from the bundle's (not the data it was trained on)")
+    frames = card.window_frames
+    latent, cond = int(card.extra["latent"]), int(card.extra["cond"])
+    vae, mean, std, pm, pc = unfreeze_generator(bundle.module, frames=frames, latent=latent, cond=cond,
+                                                channels=int(cfg.get("channels", 256)))
+    wtrain = WindowSet(by_set["train"], feats, labels, frames, int(cfg.get("hop_frames", 16)))
+    wtest = WindowSet(by_set["test"], feats, labels, frames, frames)
+    mean_n, std_n = mean.numpy()[None, :, None], std.numpy()[None, :, None]
+    before = _recon_stats(vae, wtest, mean_n, std_n)
+    history = adversarial_finetune(vae, wtrain, mean.numpy(), std.numpy(), pm, pc, steps=steps, adv_weight=adv_weight,
+                                   fm_weight=fm_weight, recon_weight=float(cfg.get("recon_weight", 2.0)),
+                                   batch_size=int(cfg.get("batch_size", 64)), seed=seed, progress=progress)
+    after = _recon_stats(vae, wtest, mean_n, std_n)
+    scripted = _export(vae, labels, mean, std, (pm, pc), latent)
+    metrics = dict(card.metrics, test={"mse_normalised": after["mse"], "kl": after["kl"]},
+                   **_adversarial_metrics(history, before))
+    cfg.update(adv_steps=steps, adv_weight=adv_weight, fm_weight=fm_weight)
+    fresh = {f.name: f.default_factory() for f in dataclasses.fields(card) if f.name in ("tarab_version", "date_created")}
+    new_card = dataclasses.replace(card, metrics=metrics, licence=card.licence or SYMBTR_LICENCE,
+                                   extra=dict(card.extra, config=cfg), **fresh)
+    extra_files = {name: (Path(bundle.path) / name).read_bytes() for name in ("split.json", "history.json")
+                   if (Path(bundle.path) / name).is_file()}
+    save_bundle(scripted, new_card, out_dir, force=force, extra_files={**extra_files, **_adversarial_files(history)})
+    return {"bundle": str(out_dir), "test_before": before, "test": after, "steps": steps,
+            "seconds": time.time() - t0, "train_windows": len(wtrain)}

@@ -13,7 +13,9 @@ log-mel → magnitude → fast Griffin-Lim) and are re-analysed with the live ``
   chain (held-out window → encode → decode → audio).
 - **Novelty**: for each generated window, the cosine similarity (of per-band mean-centred
   log-mel) to its nearest training window; compared with the 99th percentile of what held-out
-  windows reach against training windows of the *same* composer (different pieces).
+  windows reach against training windows of the *same* composer (different pieces). Checked
+  twice: on windows of the re-analysed audio, and on every window the decoder produced, before
+  the crossfade (a crossfade of two copied windows can look new; a decoded window cannot hide).
 - **Morph**: P(B) from the classifier for mix 0, .25, .5, .75, 1 between composer pairs.
 """
 
@@ -37,14 +39,18 @@ MIXES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
-    """Fréchet distance between Gaussian fits of two sets of row vectors."""
-    import scipy.linalg
+    """Fréchet distance between Gaussian fits of two sets of row vectors.
 
+    tr sqrt(C1 C2) is taken as the sum of the square roots of the eigenvalues of the symmetric
+    C1^1/2 C2 C1^1/2: equal to ``scipy.linalg.sqrtm``'s trace, but stable (and silent) when a
+    covariance is singular, as it is for always-silent mel bands or dead embedding units.
+    """
     mu1, mu2 = a.mean(0), b.mean(0)
     c1, c2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = scipy.linalg.sqrtm(c1 @ c2)
-    covmean = np.real(covmean[0] if isinstance(covmean, tuple) else covmean)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(c1 + c2 - 2 * covmean))
+    w, v = np.linalg.eigh(c1)
+    s1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(s1 @ c2 @ s1), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * tr_covmean)
 
 
 class _Judge:
@@ -94,6 +100,18 @@ def _max_cos(q: np.ndarray, ref: np.ndarray, chunk: int = 2048) -> np.ndarray:
     return best
 
 
+def _render_keeping_windows(synth, n: int):
+    """``synth.render(n)``, step by step, also returning every window the decoder produced."""
+    parts, wins, got = [], [], 0
+    while got < n:
+        y = synth.step()
+        if not wins or synth.last_window is not wins[-1]:
+            wins.append(synth.last_window)
+        parts.append(y)
+        got += len(y)
+    return np.concatenate(parts)[:n], wins
+
+
 def evaluate_generation(data_dir=None, *, generator=None, classifier=None, clips: int = 10, seconds: float = 10.0,
                         cache_dir=None, plots=None, progress: bool = True, pairs=None) -> dict:
     """All figures of the generation issue, as a JSON-serialisable dict (see the module doc)."""
@@ -130,7 +148,7 @@ def evaluate_generation(data_dir=None, *, generator=None, classifier=None, clips
     torch.set_num_threads(1)
 
     # -- generated clips, re-analysed ------------------------------------------------------------
-    gen_mel = {}
+    gen_mel, decoded = {}, {}
     style_hits, style_table = 0, {}
     bar = tqdm(total=len(labels) * clips, desc="generate", unit="clip", disable=None if progress else True, leave=False)
     for ci, lab in enumerate(labels):
@@ -138,10 +156,11 @@ def evaluate_generation(data_dir=None, *, generator=None, classifier=None, clips
         for s in range(clips):
             synth.set_target(lab)
             synth.start(s)
-            y = synth.render(n)
+            y, wins = _render_keeping_windows(synth, n)
             S = sm.transform(y)
             sm.reset()
             gen_mel[(lab, s)] = S
+            decoded[(lab, s)] = wins
             hits += int(np.argmax(judge.probs(S).mean(0)) == ci)
             bar.update()
         style_table[lab] = hits / clips
@@ -237,9 +256,13 @@ def evaluate_generation(data_dir=None, *, generator=None, classifier=None, clips
     threshold = float(np.percentile(real_nn, 99))
     gen_nn = np.concatenate([_max_cos(_centred_windows(log_mel(S), W, W, mean_band), ref_all)
                              for S in gen_mel.values()])
+    dec_nn = np.concatenate([_max_cos(_centred_windows(x, W, W, mean_band), ref_all)
+                             for ws_ in decoded.values() for x in ws_])
     novelty = {"threshold_real_p99": threshold, "real_heldout_nn_median": float(np.median(real_nn)),
                "generated_nn_median": float(np.median(gen_nn)), "generated_nn_max": float(gen_nn.max()),
-               "near_copies": int((gen_nn > threshold).sum()), "n_generated_windows": len(gen_nn)}
+               "near_copies": int((gen_nn > threshold).sum()), "n_generated_windows": len(gen_nn),
+               "decoded": {"nn_median": float(np.median(dec_nn)), "nn_max": float(dec_nn.max()),
+                           "near_copies": int((dec_nn > threshold).sum()), "n_windows": len(dec_nn)}}
 
     # -- morph -------------------------------------------------------------------------------------
     if pairs is None:
@@ -297,6 +320,10 @@ def print_report(r: dict, f) -> None:
     nv = r["novelty"]
     p(f"novelty: nearest-training-window cosine median {nv['generated_nn_median']:.3f}, max {nv['generated_nn_max']:.3f}; "
       f"real held-out p99 {nv['threshold_real_p99']:.3f} → {nv['near_copies']} near copies of {nv['n_generated_windows']}")
+    if "decoded" in nv:
+        d = nv["decoded"]
+        p(f"  the decoder's own windows (before the crossfade): median {d['nn_median']:.3f}, max {d['nn_max']:.3f} "
+          f"→ {d['near_copies']} near copies of {d['n_windows']}")
     m = r["morph"]
     p("morph P(B) at mix " + ", ".join(f"{x:g}" for x in m["mixes"]) + ": "
       + ", ".join(f"{x:.3f}" for x in m["mean_p_b"]) + (" (rises monotonically)" if m["monotonic_on_average"] else

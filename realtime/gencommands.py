@@ -11,6 +11,9 @@ from pathlib import Path
 from models.errors import ParameterError
 
 
+ADV_STEPS = 500  # the shipped recipe: 500 and 1500 batches of 64 measured the same (embedding FD 11.0 vs 11.1)
+
+
 def cmd_generate(args) -> int:
     from .audiofile import check_audio_path, peak_safe, write_audio
     from .generate import StyleSynth, load_generator
@@ -52,17 +55,32 @@ def cmd_generate(args) -> int:
 def cmd_train_generator(args) -> int:
     import torch
 
-    from models.generator import GenConfig, train_generator
+    from models.generator import GenConfig, finetune_generator, train_generator
 
     from .commands import _featurizer
 
     cfg = GenConfig(epochs=args.epochs, seed=args.seed, max_train_windows=args.max_train_windows,
                     time_budget_s=args.time_budget * 60.0, threads=args.threads,
                     extra_train=str(args.extra_train) if args.extra_train else "",
-                    other_train=str(args.other_train) if args.other_train else "")
+                    other_train=str(args.other_train) if args.other_train else "",
+                    adv_steps=args.adversarial_steps, adv_weight=args.adversarial_weight,
+                    fm_weight=args.feature_matching_weight)
     cfg.validate()
+    if args.from_bundle is not None and (args.adversarial_steps <= 0 or args.resume):
+        raise ParameterError("--from runs only the adversarial stage: give --adversarial-steps N > 0, not --resume")
     torch.set_num_threads(args.threads)
     featurize, mel_config = _featurizer(args)
+    if args.from_bundle is not None:
+        r = finetune_generator(args.from_bundle, args.data_dir, args.output, featurizer=featurize,
+                               mel_config=mel_config, steps=args.adversarial_steps, adv_weight=args.adversarial_weight,
+                               fm_weight=args.feature_matching_weight, threads=args.threads, cache_dir=args.cache_dir,
+                               force=args.force, progress=not args.json)
+        summary = {"bundle": r["bundle"], "test_mse_before": r["test_before"]["mse"], "test_mse": r["test"]["mse"],
+                   "steps": r["steps"], "minutes": round(r["seconds"] / 60, 2)}
+        print(json.dumps(summary) if args.json else
+              f"bundle {r['bundle']}: {r['steps']} adversarial steps in {r['seconds'] / 60:.1f} min; test "
+              f"reconstruction MSE {r['test_before']['mse']:.3f} → {r['test']['mse']:.3f} (normalised)")
+        return 0
     r = train_generator(args.data_dir, args.output, featurizer=featurize, mel_config=mel_config, config=cfg,
                         cache_dir=args.cache_dir, resume=args.resume, force=args.force, progress=not args.json)
     summary = {"bundle": r["bundle"], "test_mse": r["test"]["mse"], "test_kl": r["test"]["kl"], "params": r["params"],
@@ -115,6 +133,13 @@ def register(sub) -> None:
     s.add_argument("--max-train-windows", type=int, default=16000, help="windows per epoch (0 = all)")
     add_extra_data_args(s)
     s.add_argument("--time-budget", type=float, default=0.0, help="stop after the epoch that passes this many minutes")
+    s.add_argument("--adversarial-steps", type=int, default=ADV_STEPS,
+                   help=f"batches of the adversarial stage after the VAE (default {ADV_STEPS}; 0 = none)")
+    s.add_argument("--adversarial-weight", type=float, default=0.1, help="weight of the critic's verdict (default 0.1)")
+    s.add_argument("--feature-matching-weight", type=float, default=0.5,
+                   help="weight of critic feature matching (default 0.5)")
+    s.add_argument("--from", dest="from_bundle", type=Path, default=None,
+                   help="a trained generator bundle: run only the adversarial stage on it (same data and split)")
     s.add_argument("--cache-dir", type=Path, default=None)
     s.add_argument("--resume", action="store_true")
     s.add_argument("--force", action="store_true")

@@ -163,6 +163,7 @@ class StyleSynth:
         self._tail = None
         self._first = True
         self._pending = None
+        self.last_window = None
         self.phase.reset()
 
     # ---- steps -------------------------------------------------------------------------------
@@ -177,6 +178,7 @@ class StyleSynth:
         """The next ``window_frames // 2`` crossfaded log-mel frames [dB]."""
         mean, chol = self._prior
         x = self.decode_window(mean + self._temperature * (chol @ self._z), self._cond)
+        self.last_window = x  # the decoder's own window, before the crossfade (the novelty check reads it)
         h = self.half
         if self._tail is None:
             frames = x[:, :h].copy()

@@ -221,8 +221,33 @@ def test_evaluate_generation_runs_on_a_small_data_set(tiny_models, tmp_path):
     assert res["realism"]["logmel_frames"]["real_vs_real"] > 0
     assert 0 < res["reconstruction"]["phase_only"] < 0.3
     assert res["novelty"]["n_generated_windows"] > 0
+    # every decoded window is checked too: 2 clips × 3 composers × ≥ 2 s / (W/2 frames) windows each
+    assert res["novelty"]["decoded"]["n_windows"] >= 2 * 3 * 2 * 22050 // (512 * 8)
+    assert 0 < res["novelty"]["decoded"]["nn_max"] <= 1.0 + 1e-5
     assert len(res["morph"]["mean_p_b"]) == 5
     assert (tmp_path / "generated_examples.png").stat().st_size > 10000
+
+
+def test_frechet_matches_the_closed_form_and_survives_singular_covariances():
+    import warnings
+
+    import scipy.linalg
+
+    from realtime.gen_eval import frechet
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(1.0, 2.0, (20000, 6)) * [1, 1, 1, 1, 1, 0]  # a dead unit: singular covariance
+    b = rng.normal(0.0, 1.0, (20000, 6)) * [1, 1, 1, 1, 1, 0]
+    # independent axes: |mu1 - mu2|^2 + sum (sigma1 - sigma2)^2, from the samples' own moments
+    closed = ((a.mean(0) - b.mean(0)) ** 2).sum() + ((a.std(0, ddof=1) - b.std(0, ddof=1)) ** 2).sum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert frechet(a, b) == pytest.approx(closed, rel=0.01)
+    c, d = rng.normal(size=(3000, 8)), rng.normal(size=(3000, 8)) @ rng.normal(size=(8, 8))
+    c1, c2 = np.cov(c, rowvar=False), np.cov(d, rowvar=False)
+    ref = ((c.mean(0) - d.mean(0)) ** 2).sum() + np.trace(c1 + c2 - 2 * np.real(scipy.linalg.sqrtm(c1 @ c2)))
+    assert frechet(c, d) == pytest.approx(ref, rel=1e-9)
+    assert frechet(c, c) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_shipped_generator_shares_the_classifier_split_and_licence():
@@ -258,3 +283,92 @@ def test_evaluate_generation_on_the_corpus(corpus, tmp_path):
     assert r["realism"]["logmel_frames"]["real_vs_real"] > 0 and r["novelty"]["threshold_real_p99"] > 0
     assert r["novelty"]["near_copies"] == 0  # generation is not retrieval
     assert r["reconstruction"]["phase_only"] < 0.3
+
+
+def test_render_keeping_windows_is_render_plus_each_decoded_window(tiny_models):
+    from realtime.gen_eval import _render_keeping_windows
+
+    _, _, gen = tiny_models
+    synth = StyleSynth(load_generator(gen))
+    n = 3 * 22050
+    synth.set_target("beta")
+    synth.start(4)
+    y = synth.render(n)
+    synth.start(4)
+    y2, wins = _render_keeping_windows(synth, n)
+    np.testing.assert_array_equal(y, y2)
+    # one window per half window of frames, plus the one already decoded ahead of the last samples
+    assert len(wins) >= n // (synth.half * synth.hop)
+    assert all(w.shape == (synth.bundle.card.n_mels, synth.window_frames) for w in wins)
+    assert not any(np.array_equal(a, b) for a, b in zip(wins, wins[1:]))
+    synth.start(4)  # the same windows, decoded again from the same seed
+    for w in wins[:3]:
+        synth.step_frames()
+        np.testing.assert_array_equal(synth.last_window, w)
+
+
+def test_adversarial_stage_keeps_encoder_and_priors_and_changes_the_decoder(tiny_models, tmp_path):
+    import json
+
+    import torch
+
+    from models.errors import BundleError
+    from models.generator import unfreeze_generator
+
+    data, cls, gen = tiny_models
+    out = tmp_path / "sharp"
+    r = run_cli("train-generator", data, "--from", gen, "--adversarial-steps", "30", "-o", out, "--json",
+                "--cache-dir", tmp_path / "cache", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["steps"] == 30 and summary["test_mse"] > 0
+    a, b = load_generator(gen), load_generator(out)
+    assert b.card.metrics["adversarial"]["steps"] == 30 and b.card.extra["config"]["adv_steps"] == 30
+    assert b.card.date_created > a.card.date_created and b.card.labels == a.card.labels  # a new bundle, same composers
+    assert len(json.loads((out / "adversarial_history.json").read_text())) >= 1
+    assert (out / "split.json").read_bytes() == (gen / "split.json").read_bytes()
+    x = torch.randn(5, a.card.n_mels, a.card.window_frames) * 10 - 40
+    z = torch.randn(5, a.card.extra["latent"])
+    with torch.no_grad():
+        torch.testing.assert_close(a.module.encode(x), b.module.encode(x), atol=1e-4, rtol=0)  # frozen encoder
+        for ta, tb in zip(a.module.prior(), b.module.prior()):
+            torch.testing.assert_close(ta, tb)
+        e = a.module.embeddings()[:1].expand(5, -1)
+        assert (a.module(z, e) - b.module(z, e)).abs().max() > 0.01  # the decoder learned
+    # the eager model read back from the frozen bundle gives its outputs; a wrong shape is refused
+    vae, mean, std, pm, pc = unfreeze_generator(b.module, frames=16, latent=8, cond=4, channels=32)
+    with torch.no_grad():
+        eb = b.module.embeddings()[:1].expand(5, -1)
+        torch.testing.assert_close(vae.decode(z, eb) * std[None, :, None] + mean[None, :, None], b.module(z, eb),
+                                   atol=1e-3, rtol=0)
+    with pytest.raises(BundleError, match="cannot read this generator"):
+        unfreeze_generator(b.module, frames=16, latent=8, cond=4, channels=16)
+    # bad input: one line, exit 2, no bundle
+    for args, msg in (([], "--adversarial-steps N > 0"),
+                      (["--adversarial-steps", "5", "--resume"], "not --resume"),
+                      (["--adversarial-steps", "-2"], "adv_steps must be >= 0"),
+                      (["--adversarial-steps", "5", "--feature-matching-weight", "-1"], "fm_weight")):
+        r = run_cli("train-generator", data, "--from", gen, "-o", tmp_path / "bad", "--adversarial-steps", "0", *args,
+                    "--cache-dir", tmp_path / "cache")
+        assert r.returncode == 2, (args, r.stderr)
+        assert msg in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    r = run_cli("train-generator", data, "--from", cls, "-o", tmp_path / "bad", "--adversarial-steps", "5",
+                "--cache-dir", tmp_path / "cache")
+    assert r.returncode == 2 and "generator" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_train_generator_with_an_adversarial_stage(tiny_models, tmp_path):
+    from models.generator import GenConfig, train_generator
+    from realtime.mel import StreamingMel
+
+    data, _, _ = tiny_models
+    sm = StreamingMel()
+    r = train_generator(data, tmp_path / "g", featurizer=sm.transform, mel_config=sm.config, cache_dir=tmp_path / "c",
+                        progress=False, config=GenConfig(frames=16, hop_frames=4, latent=8, cond=4, channels=32, epochs=2,
+                                                         batch_size=8, val_frac=0.25, test_frac=0.25, adv_steps=12))
+    card = load_generator(tmp_path / "g").card
+    assert card.metrics["adversarial"]["steps"] == 12
+    assert card.metrics["test"]["mse_normalised"] == pytest.approx(r["test"]["mse"])
+    assert card.metrics["adversarial"]["test_before"]["mse_normalised"] > 0
+    assert (tmp_path / "g" / "adversarial_history.json").is_file()
