@@ -39,10 +39,10 @@ def run_decoding(seconds: float = 30.0) -> dict:
     y = load_audio(CLIP, sr)[: int(20 * sr)]
     S = stft_magnitude(y)
     audio_s = len(y) / sr
-    pr = PhaseReconstructor(n_iter=synth.phase.n_iter, max_frames=synth.half)
+    pr = PhaseReconstructor(n_iter=synth.phase.n_iter, max_frames=synth.hop_frames)
 
     def ours():
-        out = [pr.process(S[:, a:a + synth.half]) for a in range(0, S.shape[1], synth.half)]
+        out = [pr.process(S[:, a:a + synth.hop_frames]) for a in range(0, S.shape[1], synth.hop_frames)]
         out.append(pr.flush())
         ours.y = np.concatenate(out)
 

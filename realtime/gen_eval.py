@@ -218,12 +218,12 @@ def evaluate_generation(data_dir=None, *, generator=None, classifier=None, clips
     from models.data import load_audio
 
     pr = PhaseReconstructor(card.n_fft, card.hop_length, n_iter=synth.phase.n_iter, momentum=synth.phase.momentum,
-                            lookahead=synth.phase.lookahead, max_frames=synth.half)
+                            lookahead=synth.phase.lookahead, max_frames=synth.hop_frames)
     sc_phase, sc_chain = [], []
     for it in test_items[:: max(1, len(test_items) // 8)][:8]:
         y = load_audio(data_dir / it.path, card.sr)[: 10 * card.sr]
         M = stft_magnitude(y, card.n_fft, card.hop_length)
-        yh = np.concatenate([pr.process(M[:, a:a + synth.half]) for a in range(0, M.shape[1], synth.half)]
+        yh = np.concatenate([pr.process(M[:, a:a + synth.hop_frames]) for a in range(0, M.shape[1], synth.hop_frames)]
                             + [pr.flush()])
         sc_phase.append(spectral_convergence(M, stft_magnitude(yh, card.n_fft, card.hop_length)))
         L = log_mel(sm.transform(y))

@@ -141,11 +141,36 @@ def test_synth_draws_latents_from_the_composers_prior(tiny_models):
     s.start(5)
     first = s.step_frames()
     x = s.decode_window(s.prior_mean[1], s.emb[1])
-    np.testing.assert_allclose(first, x[:, :s.half], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(first, x[:, :s.hop_frames], rtol=1e-5, atol=1e-4)
     s.set_target("alpha", "gamma", 0.5)
     m, L = s.latent_prior("alpha", "gamma", 0.5)
     np.testing.assert_allclose(m, 0.5 * (s.prior_mean[0] + s.prior_mean[2]), rtol=1e-6)
     np.testing.assert_allclose(L, 0.5 * (s.prior_chol[0] + s.prior_chol[2]), rtol=1e-6)
+
+
+def test_windows_crossfade_only_over_their_overlap(tiny_models):
+    _, _, gen = tiny_models
+    bundle = load_generator(gen)
+    s = StyleSynth(bundle)
+    W = s.window_frames
+    assert (s.overlap, s.hop_frames) == (round(0.375 * W), W - round(0.375 * W))
+    k = iter(range(1, 100))
+    s.decode_window = lambda z, cond: np.full((3, W), float(next(k)), np.float32)  # window k: all k
+    s.start(0)
+    first, second, third = s.step_frames(), s.step_frames(), s.step_frames()
+    assert first.shape == (3, s.hop_frames) and (first == 1).all()  # a phrase starts on its first window
+    o = s.overlap
+    ramp = np.sin(0.5 * np.pi * (np.arange(o) + 0.5) / o) ** 2
+    np.testing.assert_allclose(second[0, :o], 1 + ramp, rtol=1e-6)  # window 1 fades into window 2 ...
+    assert (second[:, o:] == 2).all() and (third[:, o:] == 3).all()  # ... then window 2 alone
+    s.decode_window = lambda z, cond: np.full((3, W), 7.0, np.float32)
+    s.start(0)
+    np.testing.assert_allclose(np.concatenate([s.step_frames() for _ in range(5)], 1), 7.0, rtol=1e-6)  # weights sum to 1
+    half = StyleSynth(bundle, overlap=0.5)
+    assert half.hop_frames == half.overlap == W // 2
+    for bad in (0.0, 0.6, -0.1):
+        with pytest.raises(ParameterError, match="overlap"):
+            StyleSynth(bundle, overlap=bad)
 
 
 def test_live_generator_matches_offline_and_never_waits(tiny_models):
@@ -221,8 +246,8 @@ def test_evaluate_generation_runs_on_a_small_data_set(tiny_models, tmp_path):
     assert res["realism"]["logmel_frames"]["real_vs_real"] > 0
     assert 0 < res["reconstruction"]["phase_only"] < 0.3
     assert res["novelty"]["n_generated_windows"] > 0
-    # every decoded window is checked too: 2 clips × 3 composers × ≥ 2 s / (W/2 frames) windows each
-    assert res["novelty"]["decoded"]["n_windows"] >= 2 * 3 * 2 * 22050 // (512 * 8)
+    # every decoded window is checked too: 2 clips × 3 composers × ≥ 2 s / hop_frames (16 - 6) windows each
+    assert res["novelty"]["decoded"]["n_windows"] >= 2 * 3 * 2 * 22050 // (512 * 10)
     assert 0 < res["novelty"]["decoded"]["nn_max"] <= 1.0 + 1e-5
     assert len(res["morph"]["mean_p_b"]) == 5
     assert (tmp_path / "generated_examples.png").stat().st_size > 10000
@@ -297,8 +322,8 @@ def test_render_keeping_windows_is_render_plus_each_decoded_window(tiny_models):
     synth.start(4)
     y2, wins = _render_keeping_windows(synth, n)
     np.testing.assert_array_equal(y, y2)
-    # one window per half window of frames, plus the one already decoded ahead of the last samples
-    assert len(wins) >= n // (synth.half * synth.hop)
+    # one window per hop_frames frames, plus the one already decoded ahead of the last samples
+    assert len(wins) >= n // (synth.hop_frames * synth.hop)
     assert all(w.shape == (synth.bundle.card.n_mels, synth.window_frames) for w in wins)
     assert not any(np.array_equal(a, b) for a, b in zip(wins, wins[1:]))
     synth.start(4)  # the same windows, decoded again from the same seed
