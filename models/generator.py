@@ -240,6 +240,12 @@ class Critic(nn.Module):
         return self.out(h).squeeze(1) + (self.emb(y)[:, :, None] * h).sum(1), feats
 
 
+def _batch(ws: WindowSet, idx, mean_n: np.ndarray, std_n: np.ndarray):
+    """Windows ``idx`` of ``ws``, band-normalised, as float32 tensors ``(x, y)``."""
+    x = (np.stack([ws.window(int(j)) for j in idx]) - mean_n) / std_n
+    return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(ws.y[idx])
+
+
 def _feature_matching(fake_feats, real_feats):
     """Mean over layers of |mean - mean'| + |std - std'| of each channel (over batch and time)."""
     tot = 0.0
@@ -295,8 +301,7 @@ def adversarial_finetune(vae: StyleVAE, ws: WindowSet, mean: np.ndarray, std: np
     bar = tqdm(range(steps), desc="adversarial", unit="batch", disable=not progress, leave=False)
     for step in bar:
         idx = rng.choice(len(ws), batch_size, p=p_win)
-        x = torch.from_numpy(((np.stack([ws.window(int(j)) for j in idx]) - mean_n) / std_n).astype(np.float32))
-        y = torch.from_numpy(ws.y[idx])
+        x, y = _batch(ws, idx, mean_n, std_n)
         yf = torch.from_numpy(rng.choice(present, batch_size))
         zf = prior_mean[yf] + (prior_chol[yf] @ torch.randn(batch_size, vae.latent, 1)).squeeze(-1)
         with torch.no_grad():
@@ -444,9 +449,9 @@ def _recon_stats(vae, ws: WindowSet, mean_n: np.ndarray, std_n: np.ndarray) -> d
     with torch.no_grad():
         for a in range(0, len(ws), 128):
             idx = np.arange(a, min(a + 128, len(ws)))
-            x = torch.from_numpy(((np.stack([ws.window(int(j)) for j in idx]) - mean_n) / std_n).astype(np.float32))
+            x, y = _batch(ws, idx, mean_n, std_n)
             mu, logvar = vae.encode(x)
-            xh = vae.decode(mu, vae.emb(torch.from_numpy(ws.y[idx])))
+            xh = vae.decode(mu, vae.emb(y))
             se += float(((xh - x) ** 2).mean(dim=(1, 2)).sum())
             kl += float(_kl(mu, logvar).sum())
             n += len(idx)
@@ -505,10 +510,6 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
     p_win = 1.0 / counts[wtrain.y]
     p_win /= p_win.sum()
 
-    def batch(ws, idx):
-        x = (np.stack([ws.window(int(j)) for j in idx]) - mean_n) / std_n
-        return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(ws.y[idx])
-
     def evaluate(ws) -> dict:
         return _recon_stats(vae, ws, mean_n, std_n)
 
@@ -528,7 +529,7 @@ def train_generator(data_dir, out_dir, *, featurizer, mel_config: dict, config: 
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress,
                    leave=False)
         for s in bar:
-            x, y = batch(wtrain, order[s * cfg.batch_size:(s + 1) * cfg.batch_size])
+            x, y = _batch(wtrain, order[s * cfg.batch_size:(s + 1) * cfg.batch_size], mean_n, std_n)
             xh, mu, logvar = vae(x, y)
             mse = ((xh - x) ** 2).mean(dim=(1, 2))
             kl = _kl(mu, logvar)

@@ -100,18 +100,6 @@ def _max_cos(q: np.ndarray, ref: np.ndarray, chunk: int = 2048) -> np.ndarray:
     return best
 
 
-def _render_keeping_windows(synth, n: int):
-    """``synth.render(n)``, step by step, also returning every window the decoder produced."""
-    parts, wins, got = [], [], 0
-    while got < n:
-        y = synth.step()
-        if not wins or synth.last_window is not wins[-1]:
-            wins.append(synth.last_window)
-        parts.append(y)
-        got += len(y)
-    return np.concatenate(parts)[:n], wins
-
-
 def evaluate_generation(data_dir=None, *, generator=None, classifier=None, clips: int = 10, seconds: float = 10.0,
                         cache_dir=None, plots=None, progress: bool = True, pairs=None) -> dict:
     """All figures of the generation issue, as a JSON-serialisable dict (see the module doc)."""
@@ -156,7 +144,8 @@ def evaluate_generation(data_dir=None, *, generator=None, classifier=None, clips
         for s in range(clips):
             synth.set_target(lab)
             synth.start(s)
-            y, wins = _render_keeping_windows(synth, n)
+            wins = []
+            y = synth.render(n, windows=wins)
             S = sm.transform(y)
             sm.reset()
             gen_mel[(lab, s)] = S

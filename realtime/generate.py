@@ -10,7 +10,8 @@ Latent → audio, one step per ``hop_frames = W - overlap`` frames (40 of the sh
    start every ``hop_frames`` frames, and each window's first and last ``overlap`` frames are
    crossfaded with its neighbours' (sin² / cos² ramps: weights sum to 1); the frames between
    are the window's own. (With ``overlap = W/2`` every frame was an average of two windows, which
-   blurs onsets: the judge's Fréchet distance was 11.0 against 7.0 with the shipped 3/8.)
+   blurs onsets: in the full evaluation, at rho 0.8, the judge's Fréchet distance was 11.1
+   against 7.4 with 3/8.)
 3. Mel power → linear power, non-negative and consistent with the mel bank
    (:class:`~realtime.mel.MelInverse`, 10 multiplicative updates per frame) → magnitude.
 4. :class:`~realtime.phase.PhaseReconstructor` (numba fast Griffin-Lim, block-online) → samples.
@@ -234,11 +235,12 @@ class StyleSynth:
             return np.concatenate([head, self.phase.flush()])
         return self.phase.flush()
 
-    def render(self, n_samples: int, progress: bool = False, sweep=None) -> np.ndarray:
+    def render(self, n_samples: int, progress: bool = False, sweep=None, windows: list | None = None) -> np.ndarray:
         """Exactly ``n_samples`` of audio from the current phrase and targets (offline).
 
         ``sweep=(composer_a, composer_b, mix_end)`` moves the mix from 0 to ``mix_end`` across
-        the clip (one step per decoded window), keeping the current temperature.
+        the clip (one step per decoded window), keeping the current temperature. ``windows``, a
+        list, receives every window the decoder produced, before the crossfade (log-mel [dB]).
         """
         from tqdm import tqdm
 
@@ -253,6 +255,9 @@ class StyleSynth:
                     self.set_target(a, b, float(end) * min(1.0, got / max(1, n_samples - step_len)),
                                     self._temperature, self._transpose)
                 y = self.step()
+                if windows is not None and self.last_window is not None and (
+                        not windows or self.last_window is not windows[-1]):
+                    windows.append(self.last_window)
                 parts.append(y)
                 got += len(y)
                 bar.update(min(len(y), n_samples - (got - len(y))))
