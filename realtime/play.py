@@ -26,12 +26,14 @@ from numba import njit
 
 from models.errors import ParameterError
 
-from .units import Unit
+from .units import SoftClip, _soft_clip
 
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MidiMap", "Voice", "Instrument", "VoiceMixer", "SoftClip", "build_player"]
+__all__ = ["MidiMap", "Voice", "Instrument", "VoiceMixer", "build_player"]
+
+MASTER_KNEE = 0.75  # the voices' master saturation starts here (the last stage, SoftClip, uses it too)
 
 
 # The callback's kernels keep the GIL: they take microseconds, and releasing it would let a worker
@@ -44,18 +46,6 @@ def _mix_ramp(acc, x, g0, g1, n):
     for i in range(n):
         g += step
         acc[i] += x[i] * g
-
-
-@njit(cache=True, fastmath=True)
-def _soft_clip(x, n, gain):
-    """Master gain, then a soft knee above 0.75 that stays below 0.999."""
-    for i in range(n):
-        v = x[i] * gain
-        a = abs(v)
-        if a > 0.75:
-            s = 0.75 + 0.249 * np.tanh((a - 0.75) / 0.249)  # < 0.999 even where tanh rounds to 1
-            v = s if v > 0 else -s
-        x[i] = v
 
 
 @dataclass
@@ -265,7 +255,7 @@ class VoiceMixer:
         self._acc = np.zeros(max_block, np.float32)
         self.samples = 0
         _mix_ramp(self._acc, self._acc, 0.0, 1.0, 16)  # compile (or load cached) kernels now
-        _soft_clip(self._acc, 16, 1.0)
+        _soft_clip(self._acc, 16, 1.0, MASTER_KNEE)
 
     def render(self, n: int) -> np.ndarray:
         acc = self._acc[:n]
@@ -284,24 +274,9 @@ class VoiceMixer:
                 g1 = max(target, g0 - v.rate_down * n)
             _mix_ramp(acc, v.gen.render(n), g0, g1, n)
             v.gain = g1 if g1 > 1e-5 or target > 0 else 0.0
-        _soft_clip(acc, n, self.master)
+        _soft_clip(acc, n, self.master, MASTER_KNEE)
         self.samples += n
         return acc
-
-
-class SoftClip(Unit):
-    """The last stage of ``tarab play``: a soft knee above 0.75 that never reaches full scale,
-    so neither the voices nor an FX chain's overshoot (a limiter's attack) can clip the output."""
-
-    def process(self, block, out=None):
-        n = block.shape[1]
-        if out is None:
-            out = block.copy()
-        else:
-            out[:, :n] = block
-        for c in range(out.shape[0]):
-            _soft_clip(out[c], n, 1.0)
-        return out[:, :n]
 
 
 def build_player(preset, generator_bundle, *, sr: int, block_size: int, channels: int = 1):
@@ -327,5 +302,5 @@ def build_player(preset, generator_bundle, *, sr: int, block_size: int, channels
     fx = FxUnit(board)
     inst.fx_unit = fx
     inst.mixer = mixer
-    chain = Chain([LayerUnit(mixer, 0.0, replace=True), fx, SoftClip()])
+    chain = Chain([LayerUnit(mixer, 0.0, replace=True), fx, SoftClip(MASTER_KNEE)])
     return inst, chain

@@ -7,7 +7,11 @@ One chain of :class:`~realtime.units.Unit` s, built by :func:`build_chain`, serv
   a :class:`SyncSource` offline, which produce the same samples) at a level in dB, resampled to
   the stream's rate when it differs from the model's,
 - :class:`FxUnit` runs the preset's pedalboard chain with ``reset=False`` so that block after
-  block it behaves as one continuous stream.
+  block it behaves as one continuous stream,
+- :class:`~realtime.units.SoftClip` (knee at -0.45 dBFS) ends a chain with a layer or FX: the
+  sum of input and layer can exceed full scale, and pedalboard's ``Limiter`` lets fast transients
+  overshoot and hard-clips them at exactly ±1.0; this stage keeps every sample below 0.999 and
+  leaves anything under the knee untouched.
 
 Given the same input, preset, block size and a fixed layer composer, the offline render and the
 live engine produce the same samples (tests/test_render.py checks it through JACK).
@@ -27,7 +31,7 @@ from models.errors import DataError, ParameterError, check_range
 
 from .presets import block_invariant
 from .ring import Ring
-from .units import Chain, Unit
+from .units import SAFETY_KNEE, Chain, SoftClip, Unit
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +187,17 @@ class FxUnit(Unit):
 
 
 def build_chain(classifier_unit, *, layer_source=None, level_db: float = DEFAULT_LAYER_DB, board=None) -> Chain:
-    """classifier tap → optional generated layer → optional FX chain."""
+    """classifier tap → optional generated layer → optional FX chain → soft clip (after a layer or FX).
+
+    Input alone passes through untouched.
+    """
     units = [classifier_unit]
     if layer_source is not None:
         units.append(LayerUnit(layer_source, level_db))
     if board is not None and len(board) > 0:
         units.append(FxUnit(board))
+    if len(units) > 1:
+        units.append(SoftClip(SAFETY_KNEE))
     return Chain(units)
 
 
@@ -217,6 +226,12 @@ class LayerDirector:
         if self.current is None:
             self.source.trigger(self.seed)
         self.current = lead
+
+
+def _shaped(chain) -> int:
+    """Samples the chain's final soft clip shaped (0 without one)."""
+    last = chain.units[-1]
+    return int(last.shaped) if isinstance(last, SoftClip) else 0
 
 
 def _timeline_json(summary: dict, timeline: list) -> str:
@@ -349,7 +364,7 @@ def render_file(in_path, out_path, *, preset, classifier, generator=None, layer:
                    if layer == "auto" else ([layer] if layer != "none" else []),
                    "preset": preset.name, "fx": [s.get("plugin") for s in preset.fx], "block_size": block,
                    "processed_in": "engine blocks" if engine_blocks else f"{read}-sample chunks",
-                   "peak": round(peak, 4), "latency_samples": chain.latency_samples,
+                   "peak": round(peak, 4), "soft_clipped_samples": _shaped(chain), "latency_samples": chain.latency_samples,
                    "timeline_json": str(js_path), "timeline_png": str(png_path) if timeline_png else None}
         js_tmp.write_text(_timeline_json(summary, timeline))
         if png_tmp is not None:

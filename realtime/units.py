@@ -17,10 +17,12 @@ from numba import njit
 
 from models.errors import check_range
 
-__all__ = ["Unit", "Chain", "PassThrough", "LevelMeter", "Recorder", "MIN_BLOCK", "MAX_BLOCK"]
+__all__ = ["Unit", "Chain", "PassThrough", "LevelMeter", "Recorder", "SoftClip", "MIN_BLOCK", "MAX_BLOCK", "CEILING", "SAFETY_KNEE"]
 
 MIN_BLOCK = 32
 MAX_BLOCK = 8192
+CEILING = 0.999  # the highest sample a SoftClip lets through
+SAFETY_KNEE = 0.95  # the render chain's SoftClip: above the presets' limiter thresholds (-0.45 dBFS)
 
 
 class Unit:
@@ -238,3 +240,77 @@ class Recorder(PassThrough):
     def reset(self):
         if self.ring is not None:
             self.ring.reset()
+
+
+# Keeps the GIL like the other callback kernels: it takes microseconds, and releasing it would let a
+# worker take the GIL for up to a switch interval before the callback could continue.
+@njit(cache=True, fastmath=True)
+def _soft_clip(x, n, gain, knee):
+    """``x[:n] *= gain``, then a tanh knee above ``knee`` that stays at or below CEILING.
+
+    Returns how many samples the knee shaped.
+    """
+    room = CEILING - knee
+    shaped = 0
+    for i in range(n):
+        v = x[i] * gain
+        a = abs(v)
+        if a > knee:
+            s = knee + room * np.tanh((a - knee) / room)  # <= CEILING even where tanh rounds to 1
+            v = s if v > 0 else -s
+            shaped += 1
+        x[i] = v
+    return shaped
+
+
+class SoftClip(Unit):
+    """A soft knee above ``knee`` that never reaches full scale: the last stage of an output chain.
+
+    Below the knee the signal passes unchanged; above it, ``knee + r * tanh((|x| - knee) / r)``
+    with ``r = CEILING - knee``, so no sample reaches 0.999 (-0.009 dBFS), whatever comes in:
+    neither summed voices nor an FX chain's overshoot (pedalboard's ``Limiter`` lets fast
+    transients through and hard-clips them to exactly ±1.0) can clip the output.
+
+    Parameters
+    ----------
+    knee : float in [0, 0.99]
+        Level where shaping starts (linear). ``tarab play`` uses 0.75 as its master saturation;
+        the render chain uses :data:`SAFETY_KNEE` (0.95, -0.45 dBFS), above the presets'
+        limiter thresholds, so that only overshoots are shaped.
+
+    Attributes
+    ----------
+    shaped : int
+        Samples shaped by the knee since :meth:`prepare` or :meth:`reset`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> u = SoftClip(0.95).prepare(22050, 4)
+    >>> y = u.process(np.array([[0.5, -0.9, 1.0, -3.0]], np.float32))
+    >>> [round(float(v), 4) for v in y[0]], u.shaped
+    ([0.5, -0.9, 0.9877, -0.999], 2)
+    """
+
+    def __init__(self, knee: float = 0.75):
+        super().__init__()
+        self.knee = check_range("knee", knee, 0.0, 0.99)
+        self.shaped = 0
+
+    def _prepare(self):
+        _soft_clip(np.zeros(16, np.float32), 16, 1.0, self.knee)  # compile (or load the cached kernel) now
+        self.shaped = 0
+
+    def process(self, block, out=None):
+        n = block.shape[1]
+        if out is None:
+            out = block.copy()
+        else:
+            out[:, :n] = block
+        for c in range(out.shape[0]):
+            self.shaped += _soft_clip(out[c], n, 1.0, self.knee)
+        return out[:, :n]
+
+    def reset(self):
+        self.shaped = 0
+

@@ -118,13 +118,42 @@ def test_render_fx_chain_matches_pedalboard_and_existing_output_needs_force(clas
     out = tmp_path / "out.wav"
     render_file(src, out, preset=preset, classifier=classifier, progress=False)
     got, _ = sf.read(out, dtype="float32")
-    ref = preset.build_fx()(clip[None], sr)[0]  # pedalboard, whole signal at once
+    ref = _soft_clip_ref(preset.build_fx()(clip[None], sr)[0])  # pedalboard, whole signal at once
     np.testing.assert_allclose(got, ref, atol=2e-5)
     before = out.stat().st_mtime_ns
     r = run_cli("render", src, "-o", out)
     assert r.returncode == 2 and "exists; pass --force" in r.stderr and out.stat().st_mtime_ns == before
     r = run_cli("render", src, "-o", out, "--force", "--json")
     assert r.returncode == 0, r.stderr
+
+
+def _soft_clip_ref(y, knee=0.95, ceiling=0.999):
+    """The render chain's last stage, as documented: unchanged below the knee, tanh above it."""
+    a, r = np.abs(y).astype(np.float64), ceiling - knee
+    return (np.sign(y) * np.where(a > knee, knee + r * np.tanh((a - knee) / r), a)).astype(np.float32)
+
+
+def test_render_soft_clips_the_limiters_overshoot(classifier, tmp_path):
+    """pedalboard's Limiter lets fast transients through at exactly full scale; the render's last
+    stage shapes them below 0.999 and leaves the rest of the signal as pedalboard made it."""
+    preset = load_preset("default")  # Reverb, then Limiter at -1 dBFS
+    sr = 22050
+    x = np.zeros(3 * sr, np.float32)
+    t = np.arange(400) / sr
+    for k in range(1, 6):  # 400-sample bursts far above the threshold
+        x[k * sr // 2:k * sr // 2 + 400] = 3.0 * np.sin(2 * np.pi * 440.0 * t)
+    src, out = tmp_path / "bursts.wav", tmp_path / "out.wav"
+    sf.write(src, x, sr, subtype="FLOAT")
+    summary = render_file(src, out, preset=preset, classifier=classifier, progress=False)
+    got, _ = sf.read(out, dtype="float32")
+    pb = preset.build_fx()(x[None], sr)[0]
+    assert np.abs(pb).max() == 1.0  # the premise: pedalboard alone clips the transients
+    np.testing.assert_allclose(got, _soft_clip_ref(pb), atol=2e-5)
+    assert np.abs(got).max() < 0.999 and summary["peak"] < 0.999
+    below = np.abs(pb) < 0.94
+    np.testing.assert_allclose(got[below], pb[below], atol=2e-5)  # under the knee: pedalboard's samples
+    n_over = int((np.abs(pb) > 0.95).sum())
+    assert n_over > 0 and abs(summary["soft_clipped_samples"] - n_over) <= max(2, n_over // 100)
 
 
 def _wav_with_channels(path, channels):
@@ -343,7 +372,7 @@ def test_live_cli_runs_the_render_chain(jack_probe, tiny_models):
     end, cap = repeat_on_graph_xrun(lambda: _live_cli_once(jack_probe, tiny_models), lambda r: r[0])
     assert end["event"] == "end" and tarab_on_time(end) and end["faults"] == 0
     rms = float(np.sqrt(np.mean(cap.astype(np.float64) ** 2)))
-    assert rms > 1e-3 and np.abs(cap).max() < 1.0  # the layer, with silence at the input
+    assert rms > 1e-3 and np.abs(cap).max() < 0.9991  # the layer, with silence at the input; below the soft clip's ceiling
 
 
 def test_audio_writer_failing_close_leaves_no_file(tmp_path, monkeypatch):
