@@ -250,16 +250,25 @@ def _soft_clip(x, n, gain, knee):
 
     Returns how many samples the knee shaped.
     """
+    peak = 0.0
+    for i in range(n):  # gain and peak: this loop vectorises
+        v = x[i] * gain
+        x[i] = v
+        peak = max(peak, abs(v))
+    if peak <= knee:
+        return 0
+    # Only blocks that reach the knee get here. One loop with the branch inside took ~30 ns a
+    # sample even where nothing reached the knee (as if tanh ran for every sample); these two take
+    # under 1 ns a sample then (8192-sample blocks, this project's VM).
     room = CEILING - knee
     shaped = 0
     for i in range(n):
-        v = x[i] * gain
+        v = x[i]
         a = abs(v)
         if a > knee:
             s = knee + room * np.tanh((a - knee) / room)  # <= CEILING even where tanh rounds to 1
-            v = s if v > 0 else -s
+            x[i] = s if v > 0 else -s
             shaped += 1
-        x[i] = v
     return shaped
 
 
