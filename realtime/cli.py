@@ -80,17 +80,22 @@ def _engine_from_args(unit, args):
                        in_channels=args.channels, out_channels=args.channels)
 
 
-def finish_run(engine, reason: str, *, json_out: bool) -> int:
-    """Print the closing summary of a live run and map its end reason to an exit status."""
+def finish_run(engine, reason: str, *, json_out: bool, extra: dict | None = None) -> int:
+    """Print the closing summary of a live run and map its end reason to an exit status.
+
+    ``extra`` adds fields to the end event (and ``key value`` pairs to the text line).
+    """
     stats = engine.stats()
+    extra = extra or {}
+    line = " | ".join([stats.line(), *(f"{k.replace('_', ' ')} {v}" for k, v in extra.items())])
     if json_out:
-        print(json.dumps({"event": "end", "reason": reason, **stats.as_dict()}), flush=True)
+        print(json.dumps({"event": "end", "reason": reason, **stats.as_dict(), **extra}), flush=True)
     if reason == "server-lost":
         print("tarab: error: the audio server stopped (device lost); engine shut down", file=sys.stderr)
     elif reason in ("interrupted", "terminated"):
-        print(f"tarab: {reason}; {stats.line()}", file=sys.stderr)
+        print(f"tarab: {reason}; {line}", file=sys.stderr)
     elif not json_out:
-        print(stats.line())
+        print(line)
     return EXIT_CODES.get(reason, 1)
 
 

@@ -352,7 +352,7 @@ def cmd_live(args) -> int:
     from .units import Chain, LevelMeter
 
     from .presets import load_preset
-    from .render import LayerDirector, build_chain
+    from .render import LayerDirector, build_chain, soft_clipped
 
     from models.errors import check_range
 
@@ -400,7 +400,7 @@ def cmd_live(args) -> int:
             with Live(_live_view(est, meter, engine, labels), refresh_per_second=8) as live:
                 reason = engine.run(args.seconds, on_tick=lambda eng: live.update(_live_view(est, meter, eng, labels)))
         worker.stop()
-        return finish_run(engine, reason, json_out=args.json)
+        return finish_run(engine, reason, json_out=args.json, extra={"soft_clipped_samples": soft_clipped(chain)})
     finally:
         engine.stop()
         if gen is not None:

@@ -35,7 +35,7 @@ from .units import SAFETY_KNEE, Chain, SoftClip, Unit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SyncSource", "LayerUnit", "FxUnit", "build_chain", "render_file", "sidecar_paths", "DEFAULT_LAYER_DB"]
+__all__ = ["SyncSource", "LayerUnit", "FxUnit", "build_chain", "soft_clipped", "render_file", "sidecar_paths", "DEFAULT_LAYER_DB"]
 
 DEFAULT_LAYER_DB = -12.0
 
@@ -228,7 +228,7 @@ class LayerDirector:
         self.current = lead
 
 
-def _shaped(chain) -> int:
+def soft_clipped(chain) -> int:
     """Samples the chain's final soft clip shaped (0 without one)."""
     last = chain.units[-1]
     return int(last.shaped) if isinstance(last, SoftClip) else 0
@@ -364,7 +364,7 @@ def render_file(in_path, out_path, *, preset, classifier, generator=None, layer:
                    if layer == "auto" else ([layer] if layer != "none" else []),
                    "preset": preset.name, "fx": [s.get("plugin") for s in preset.fx], "block_size": block,
                    "processed_in": "engine blocks" if engine_blocks else f"{read}-sample chunks",
-                   "peak": round(peak, 4), "soft_clipped_samples": _shaped(chain), "latency_samples": chain.latency_samples,
+                   "peak": round(peak, 4), "soft_clipped_samples": soft_clipped(chain), "latency_samples": chain.latency_samples,
                    "timeline_json": str(js_path), "timeline_png": str(png_path) if timeline_png else None}
         js_tmp.write_text(_timeline_json(summary, timeline))
         if png_tmp is not None:

@@ -371,6 +371,7 @@ def test_live_cli_runs_the_render_chain(jack_probe, tiny_models):
     """`tarab live --fx --layer C`: the generated layer and the FX reach the JACK output, no xrun of tarab's."""
     end, cap = repeat_on_graph_xrun(lambda: _live_cli_once(jack_probe, tiny_models), lambda r: r[0])
     assert end["event"] == "end" and tarab_on_time(end) and end["faults"] == 0
+    assert isinstance(end["soft_clipped_samples"], int) and end["soft_clipped_samples"] >= 0
     rms = float(np.sqrt(np.mean(cap.astype(np.float64) ** 2)))
     assert rms > 1e-3 and np.abs(cap).max() < 0.9991  # the layer, with silence at the input; below the soft clip's ceiling
 
