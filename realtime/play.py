@@ -26,14 +26,14 @@ from numba import njit
 
 from models.errors import ParameterError
 
-from .units import SoftClip, _soft_clip
+from .units import SAFETY_KNEE, SoftClip, _soft_clip
 
 
 log = logging.getLogger(__name__)
 
 __all__ = ["MidiMap", "Voice", "Instrument", "VoiceMixer", "build_player"]
 
-MASTER_KNEE = 0.75  # the voices' master saturation starts here (the last stage, SoftClip, uses it too)
+MASTER_KNEE = 0.75  # the voices' master saturation starts here
 
 
 # The callback's kernels keep the GIL: they take microseconds, and releasing it would let a worker
@@ -302,5 +302,5 @@ def build_player(preset, generator_bundle, *, sr: int, block_size: int, channels
     fx = FxUnit(board)
     inst.fx_unit = fx
     inst.mixer = mixer
-    chain = Chain([LayerUnit(mixer, 0.0, replace=True), fx, SoftClip(MASTER_KNEE)])
+    chain = Chain([LayerUnit(mixer, 0.0, replace=True), fx, SoftClip(SAFETY_KNEE)])  # as the render chain ends
     return inst, chain

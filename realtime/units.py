@@ -283,9 +283,9 @@ class SoftClip(Unit):
     Parameters
     ----------
     knee : float in [0, 0.99]
-        Level where shaping starts (linear). ``tarab play`` uses 0.75 as its master saturation;
-        the render chain uses :data:`SAFETY_KNEE` (0.95, -0.45 dBFS), above the presets'
-        limiter thresholds, so that only overshoots are shaped.
+        Level where shaping starts (linear). The render chain and ``tarab play`` end with
+        :data:`SAFETY_KNEE` (0.95, -0.45 dBFS), above the presets' limiter thresholds, so that
+        only overshoots are shaped; ``tarab play``'s voice mixer saturates from 0.75 (same kernel).
 
     Attributes
     ----------
