@@ -10,7 +10,7 @@ One chain of :class:`~realtime.units.Unit` s, built by :func:`build_chain`, serv
   block it behaves as one continuous stream,
 - :class:`~realtime.units.SoftClip` (knee at -0.45 dBFS) ends a chain with a layer or FX: the
   sum of input and layer can exceed full scale, and pedalboard's ``Limiter`` lets fast transients
-  overshoot and hard-clips them at exactly ±1.0; this stage keeps every sample below 0.999 and
+  overshoot and hard-clips them at exactly ±1.0; this stage keeps every sample at or under 0.999 and
   leaves anything under the knee untouched.
 
 Given the same input, preset, block size and a fixed layer composer, the offline render and the

@@ -22,7 +22,7 @@ __all__ = ["Unit", "Chain", "PassThrough", "LevelMeter", "Recorder", "SoftClip",
 MIN_BLOCK = 32
 MAX_BLOCK = 8192
 CEILING = 0.999  # the highest sample a SoftClip lets through
-SAFETY_KNEE = 0.95  # the render chain's SoftClip: above the presets' limiter thresholds (-0.45 dBFS)
+SAFETY_KNEE = 0.95  # the last stage of the render and play chains: above the presets' limiter thresholds (-0.45 dBFS)
 
 
 class Unit:
@@ -276,7 +276,7 @@ class SoftClip(Unit):
     """A soft knee above ``knee`` that never reaches full scale: the last stage of an output chain.
 
     Below the knee the signal passes unchanged; above it, ``knee + r * tanh((|x| - knee) / r)``
-    with ``r = CEILING - knee``, so no sample reaches 0.999 (-0.009 dBFS), whatever comes in:
+    with ``r = CEILING - knee``, so no sample exceeds 0.999 (-0.009 dBFS), whatever comes in:
     neither summed voices nor an FX chain's overshoot (pedalboard's ``Limiter`` lets fast
     transients through and hard-clips them to exactly ±1.0) can clip the output.
 
