@@ -26,7 +26,7 @@ from numba import njit
 
 from models.errors import ParameterError
 
-from .units import SAFETY_KNEE, SoftClip, _soft_clip
+from .units import SoftClip, _soft_clip
 
 
 log = logging.getLogger(__name__)
@@ -302,5 +302,5 @@ def build_player(preset, generator_bundle, *, sr: int, block_size: int, channels
     fx = FxUnit(board)
     inst.fx_unit = fx
     inst.mixer = mixer
-    chain = Chain([LayerUnit(mixer, 0.0, replace=True), fx, SoftClip(SAFETY_KNEE)])  # as the render chain ends
+    chain = Chain([LayerUnit(mixer, 0.0, replace=True), fx, SoftClip()])  # as the render chain ends
     return inst, chain

@@ -31,7 +31,7 @@ from models.errors import DataError, ParameterError, check_range
 
 from .presets import block_invariant
 from .ring import Ring
-from .units import SAFETY_KNEE, Chain, SoftClip, Unit
+from .units import Chain, SoftClip, Unit
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def build_chain(classifier_unit, *, layer_source=None, level_db: float = DEFAULT
     if board is not None and len(board) > 0:
         units.append(FxUnit(board))
     if len(units) > 1:
-        units.append(SoftClip(SAFETY_KNEE))
+        units.append(SoftClip())
     return Chain(units)
 
 

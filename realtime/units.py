@@ -283,9 +283,9 @@ class SoftClip(Unit):
     Parameters
     ----------
     knee : float in [0, 0.99]
-        Level where shaping starts (linear). The render chain and ``tarab play`` end with
-        :data:`SAFETY_KNEE` (0.95, -0.45 dBFS), above the presets' limiter thresholds, so that
-        only overshoots are shaped; ``tarab play``'s voice mixer saturates from 0.75 (same kernel).
+        Level where shaping starts (linear). The default, :data:`SAFETY_KNEE` (0.95, -0.45 dBFS),
+        ends the render chain and ``tarab play``'s: above the presets' limiter thresholds, so that
+        only overshoots are shaped. ``tarab play``'s voice mixer saturates from 0.75 (same kernel).
 
     Attributes
     ----------
@@ -295,13 +295,13 @@ class SoftClip(Unit):
     Examples
     --------
     >>> import numpy as np
-    >>> u = SoftClip(0.95).prepare(22050, 4)
+    >>> u = SoftClip().prepare(22050, 4)
     >>> y = u.process(np.array([[0.5, -0.9, 1.0, -3.0]], np.float32))
     >>> [round(float(v), 4) for v in y[0]], u.shaped
     ([0.5, -0.9, 0.9877, -0.999], 2)
     """
 
-    def __init__(self, knee: float = 0.75):
+    def __init__(self, knee: float = SAFETY_KNEE):
         super().__init__()
         self.knee = check_range("knee", knee, 0.0, 0.99)
         self.shaped = 0
@@ -322,4 +322,3 @@ class SoftClip(Unit):
 
     def reset(self):
         self.shaped = 0
-
